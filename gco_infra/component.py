@@ -1,0 +1,72 @@
+"""InferenceEndpoint: wires the pure manifests of one endpoint into Kubernetes resources."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from . import manifests as m
+
+TYPE = "gco:inference:Endpoint"
+
+# Env values whose name looks like a credential are stored as secrets in the stack state.
+_SENSITIVE = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|API_?KEY|ACCESS_?KEY)", re.I)
+
+_KINDS = {
+    m.DEPLOYMENT: k8s.apps.v1.Deployment,
+    m.CANARY_DEPLOYMENT: k8s.apps.v1.Deployment,
+    m.SERVICE: k8s.core.v1.Service,
+    m.CANARY_SERVICE: k8s.core.v1.Service,
+    m.INGRESS: k8s.networking.v1.Ingress,
+    m.CANARY_INGRESS: k8s.networking.v1.Ingress,
+    m.HPA: k8s.autoscaling.v2.HorizontalPodAutoscaler,
+}
+
+
+@dataclass(frozen=True)
+class InferenceEndpointArgs:
+    objects: Mapping[str, Mapping[str, Any]]
+    """Role -> Kubernetes object, from manifests.desired_objects (plain values, API field names)."""
+    fingerprint: str
+    """Digest of ``objects``; exported so the runner can skip unchanged endpoints."""
+    state: str
+    """What was declared: the record's desired_state, or ``error`` when a last-good record is kept."""
+
+
+def _protect_secrets(obj: Mapping[str, Any]) -> dict[str, Any]:
+    spec = obj.get("spec", {})
+    pod = spec.get("template", {}).get("spec")
+    if not pod:
+        return dict(spec)
+    containers = []
+    for c in pod.get("containers", []):
+        env = [{"name": e["name"], "value": pulumi.Output.secret(e["value"])} if _SENSITIVE.search(e["name"]) else e
+               for e in c.get("env", [])]
+        containers.append({**c, "env": env})
+    return {**spec, "template": {**spec["template"], "spec": {**pod, "containers": containers}}}
+
+
+class InferenceEndpoint(pulumi.ComponentResource):
+    """One endpoint in one region: Deployment, Service, Ingress, HPA and canary objects."""
+
+    def __init__(self, name: str, args: InferenceEndpointArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__(TYPE, name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        self.resources: dict[str, pulumi.CustomResource] = {}
+        for role in m.ROLES:
+            obj = args.objects.get(role)
+            if obj is None:
+                continue
+            meta = obj["metadata"]
+            self.resources[role] = _KINDS[role](meta["name"], metadata=meta, spec=_protect_secrets(obj), opts=child)
+        self.fingerprint = pulumi.Output.from_input(args.fingerprint)
+        self.state = pulumi.Output.from_input(args.state)
+        self.register_outputs({
+            "fingerprint": args.fingerprint, "state": args.state,
+            "objects": {role: f'{obj["kind"]}/{obj["metadata"]["namespace"]}/{obj["metadata"]["name"]}'
+                        for role, obj in args.objects.items()},
+        })

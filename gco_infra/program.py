@@ -1,0 +1,215 @@
+"""The Pulumi program for one regional stack.
+
+Reads the stack's config, reads the whole table (fail closed), validates every record and
+declares an InferenceEndpoint for each endpoint that targets the region. A record that fails
+validation keeps its last applied declaration (taken from the stack's previous outputs) and is
+reported; it is never dropped, because dropping it would delete what is running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from . import manifests as m
+from .component import InferenceEndpoint, InferenceEndpointArgs
+from .endpoint import DEFAULT_NAMESPACE, Endpoint, endpoint_to_item, parse_endpoint, validate_all
+from .store import EndpointStore, StoreConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_CLUSTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
+
+
+class ProgramError(RuntimeError):
+    """The stack cannot be declared safely; the update stops before any change."""
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    stack: str
+    region: str
+    """Region name as it appears in records' target_regions."""
+    allowed_namespaces: tuple[str, ...] = (DEFAULT_NAMESPACE,)
+    cluster_name: str | None = None
+    """EKS cluster; the provider is built from it through pulumi-aws."""
+    aws_region: str | None = None
+    kubeconfig: str | None = None
+    """Path of a kubeconfig (local stacks); used when there is no cluster_name."""
+    kube_context: str | None = None
+    store: StoreConfig = field(default_factory=StoreConfig)
+    cluster: m.ClusterSettings = field(default_factory=m.ClusterSettings)
+
+
+def load_settings(config: pulumi.Config | None = None, stack: str | None = None) -> StackSettings:
+    """Stack config under the ``gco:`` namespace; GCO_* environment variables override it."""
+    cfg = config or pulumi.Config("gco")
+    stack = stack or pulumi.get_stack()
+    region = cfg.require("region")
+    cluster = m.ClusterSettings()
+    overrides: dict[str, Any] = {}
+    for key, attr, kind in (
+        ("albGroup", "alb_group", str), ("albScheme", "alb_scheme", str),
+        ("ingressClass", "ingress_class", str), ("modelVolumeClaim", "model_volume_claim", str),
+        ("modelSyncImage", "model_sync_image", str), ("serviceAccount", "service_account", str),
+        ("startupFailureThreshold", "startup_failure_threshold", int),
+        ("healthcheckIntervalSeconds", "healthcheck_interval_seconds", int),
+        ("skipAwaitAll", "skip_await_all", bool),
+    ):
+        value = cfg.get_bool(key) if kind is bool else cfg.get_int(key) if kind is int else cfg.get(key)
+        if value is not None:
+            overrides[attr] = value
+    selectors = cfg.get_object("gpuNodeSelectors")
+    if selectors is not None:
+        overrides["gpu_node_selectors"] = selectors
+    cluster = replace(cluster, **overrides)
+
+    namespaces = cfg.get_object("allowedNamespaces") or [DEFAULT_NAMESPACE]
+    if not isinstance(namespaces, list) or not all(isinstance(n, str) for n in namespaces):
+        raise ProgramError("gco:allowedNamespaces must be a list of namespace names")
+    kubeconfig = os.environ.get("GCO_KUBECONFIG") or cfg.get("kubeconfig")
+    if kubeconfig and not os.path.isabs(kubeconfig):
+        kubeconfig = str(PROJECT_ROOT / kubeconfig)
+    cluster_name = cfg.get("clusterName")
+    if cluster_name is not None and not _CLUSTER_NAME.match(cluster_name):
+        raise ProgramError(f"gco:clusterName is not a valid EKS cluster name: {cluster_name!r}")
+    aws_region = cfg.get("awsRegion") or pulumi.Config("aws").get("region") or region
+    store = StoreConfig.from_env(table=cfg.get("table"), region=cfg.get("tableRegion") or aws_region,
+                                 endpoint_url=cfg.get("dynamodbEndpoint"))
+    if os.environ.get("GCO_DYNAMODB_ENDPOINT"):
+        store = replace(store, endpoint_url=os.environ["GCO_DYNAMODB_ENDPOINT"])
+    if os.environ.get("GCO_TABLE"):
+        store = replace(store, table=os.environ["GCO_TABLE"])
+    return StackSettings(
+        stack=stack, region=region, allowed_namespaces=tuple(namespaces), cluster_name=cluster_name,
+        aws_region=aws_region, kubeconfig=kubeconfig, kube_context=cfg.get("kubeContext"),
+        store=store, cluster=cluster,
+    )
+
+
+def eks_kubeconfig(cluster_name: str, aws_region: str, endpoint: str, ca_data: str) -> str:
+    """A kubeconfig whose token comes from ``aws eks get-token`` (argv, no shell, no secret in state)."""
+    return json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": cluster_name,
+        "clusters": [{"name": cluster_name, "cluster": {"server": endpoint, "certificate-authority-data": ca_data}}],
+        "contexts": [{"name": cluster_name, "context": {"cluster": cluster_name, "user": cluster_name}}],
+        "users": [{"name": cluster_name, "user": {"exec": {
+            "apiVersion": "client.authentication.k8s.io/v1beta1", "command": "aws",
+            "args": ["eks", "get-token", "--cluster-name", cluster_name, "--region", aws_region, "--output", "json"],
+            "interactiveMode": "Never",
+        }}}],
+    })
+
+
+def make_provider(settings: StackSettings) -> k8s.Provider:
+    if settings.cluster_name:
+        import pulumi_aws as aws  # imported only for EKS stacks: it is large
+
+        cluster = aws.eks.get_cluster(name=settings.cluster_name,
+                                      opts=pulumi.InvokeOptions(provider=aws.Provider("aws", region=settings.aws_region)))
+        kubeconfig = eks_kubeconfig(settings.cluster_name, settings.aws_region or settings.region,
+                                    cluster.endpoint, cluster.certificate_authorities[0].data)
+        return k8s.Provider("k8s", kubeconfig=kubeconfig)
+    if not settings.kubeconfig:
+        raise ProgramError(f"stack {settings.stack}: set gco:clusterName (EKS) or gco:kubeconfig (path)")
+    if not os.path.exists(settings.kubeconfig):
+        raise ProgramError(f"stack {settings.stack}: kubeconfig {settings.kubeconfig} does not exist "
+                           "(for the local stack run `gco-infra local up` first)")
+    # The path, not the contents, goes into the state: the file holds a token.
+    return k8s.Provider("k8s", kubeconfig=settings.kubeconfig, context=settings.kube_context)
+
+
+def read_previous_records(stack: str, cwd: Path = PROJECT_ROOT) -> dict[str, dict[str, Any]]:
+    """The records last applied by this stack, from its outputs (for invalid records only)."""
+    proc = subprocess.run(["pulumi", "stack", "output", "--json", "--show-secrets", "--stack", stack],
+                          cwd=cwd, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise ProgramError(f"reading the previous outputs of stack {stack} failed: {proc.stderr.strip()[:500]}")
+    return previous_records_from_outputs(json.loads(proc.stdout or "{}"))
+
+
+def previous_records_from_outputs(outputs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    endpoints = outputs.get("endpoints") or {}
+    result = {}
+    for name, out in endpoints.items():
+        record = out.get("record") if isinstance(out, Mapping) else None
+        if isinstance(record, str):
+            result[name] = json.loads(record)
+    return result
+
+
+@dataclass
+class Declared:
+    endpoints: dict[str, InferenceEndpoint] = field(default_factory=dict)
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    invalid: dict[str, list[str]] = field(default_factory=dict)
+
+
+def declare(settings: StackSettings, items: list[Mapping[str, Any]],
+            previous: Callable[[], Mapping[str, Mapping[str, Any]]],
+            provider: pulumi.ProviderResource | None = None) -> Declared:
+    """Declare every endpoint of the table that targets this stack's region."""
+    validated = validate_all(items, allowed_namespaces=settings.allowed_namespaces)
+    result = Declared()
+    opts = pulumi.ResourceOptions(providers=[provider]) if provider else None
+
+    def add(ep: Endpoint, state: str) -> None:
+        objects = m.desired_objects(ep, settings.region, settings.cluster)
+        if not objects:
+            return
+        fp = m.fingerprint(objects)
+        result.endpoints[ep.name] = InferenceEndpoint(
+            ep.name, InferenceEndpointArgs(objects=objects, fingerprint=fp, state=state), opts)
+        result.outputs[ep.name] = {
+            "state": state, "namespace": ep.namespace, "fingerprint": fp,
+            "objects": {role: f'{o["kind"]}/{o["metadata"]["name"]}' for role, o in objects.items()},
+            # The record as applied, so a later invalid edit can keep this declaration.
+            "record": pulumi.Output.secret(json.dumps(endpoint_to_item(ep), sort_keys=True)),
+        }
+
+    for ep in validated.endpoints.values():
+        add(ep, ep.desired_state)
+
+    if validated.invalid:
+        prior = previous()
+        for name, errors in sorted(validated.invalid.items()):
+            result.invalid[name] = list(errors)
+            for e in errors:
+                pulumi.log.warn(e)
+            kept = prior.get(name)
+            if kept is None:
+                continue
+            parsed = parse_endpoint(kept, allowed_namespaces=settings.allowed_namespaces)
+            if parsed.endpoint is None:  # the rules tightened since it was applied: keep it as it was
+                raise ProgramError(f'endpoint "{name}" is invalid and its last applied record no longer '
+                                   f'validates ({"; ".join(parsed.errors)}); refusing to remove it')
+            pulumi.log.warn(f'endpoint "{name}": keeping the last applied declaration in {settings.region}')
+            add(parsed.endpoint, "error")
+    return result
+
+
+def export(settings: StackSettings, declared: Declared) -> None:
+    pulumi.export("region", settings.region)
+    pulumi.export("declarationVersion", m.DECLARATION_VERSION)
+    pulumi.export("endpoints", declared.outputs)
+    pulumi.export("invalid", declared.invalid)
+
+
+def main(items: list[Mapping[str, Any]] | None = None,
+         previous: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
+         settings: StackSettings | None = None) -> Declared:
+    """Entry point of ``__main__.py`` and of the runner's inline program."""
+    settings = settings or load_settings()
+    if items is None:
+        items = EndpointStore(settings.store).list_endpoints()  # StoreError stops the update
+    provider = make_provider(settings)
+    declared = declare(settings, items, previous or (lambda: read_previous_records(settings.stack)), provider)
+    export(settings, declared)
+    return declared

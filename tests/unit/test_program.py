@@ -1,0 +1,186 @@
+"""The program's shape under pulumi.runtime.set_mocks: which resources a table becomes."""
+
+from __future__ import annotations
+
+import json
+
+import pulumi
+import pytest
+
+from gco_infra.endpoint import endpoint_to_item, parse_endpoint
+from gco_infra.program import ProgramError, StackSettings, declare, export
+
+REGION = "us-east-1"
+DEP, SVC, ING, HPA = ("kubernetes:apps/v1:Deployment", "kubernetes:core/v1:Service",
+                      "kubernetes:networking.k8s.io/v1:Ingress", "kubernetes:autoscaling/v2:HorizontalPodAutoscaler")
+COMP = "gco:inference:Endpoint"
+
+
+class Mocks(pulumi.runtime.Mocks):
+    def __init__(self) -> None:
+        self.resources: list[pulumi.runtime.MockResourceArgs] = []
+
+    def new_resource(self, args):
+        self.resources.append(args)
+        return [f"{args.name}-id", args.inputs]
+
+    def call(self, args):
+        return {}
+
+
+def run(items, *, region=REGION, previous=None):
+    mocks = Mocks()
+    pulumi.runtime.set_mocks(mocks, project="gco-infra", stack="test", preview=False)
+    settings = StackSettings(stack="test", region=region)
+    calls = []
+    holder = {}
+
+    def prev():
+        calls.append(1)
+        return previous or {}
+
+    @pulumi.runtime.test
+    def body():
+        declared = declare(settings, items, prev, None)
+        export(settings, declared)
+        holder["declared"] = declared
+        urns = [r.urn for e in declared.endpoints.values() for r in e.resources.values()]
+        return pulumi.Output.all(*urns)
+
+    body()
+    got = {(r.typ, r.name) for r in mocks.resources}
+    return got, {r.name + "|" + r.typ: r.inputs for r in mocks.resources}, holder["declared"], calls
+
+
+def item(name="llama3", state="running", regions=(REGION,), **spec):
+    return {"endpoint_name": name, "desired_state": state, "target_regions": list(regions),
+            "spec": {"image": "org/server:1", **spec}}
+
+
+def plain(name="llama3"):
+    return {(COMP, name), (DEP, name), (SVC, name), (ING, f"inference-{name}")}
+
+
+def test_plain_endpoint():
+    got, _, declared, _ = run([item()])
+    assert got == plain()
+    assert declared.outputs["llama3"]["state"] == "running"
+
+
+def test_stopped_endpoint():
+    got, inputs, _, _ = run([item(state="stopped", canary={"image": "a/b:2", "weight": 10})])
+    assert got == {(COMP, "llama3"), (DEP, "llama3"), (SVC, "llama3")}
+    assert inputs[f"llama3|{DEP}"]["spec"]["replicas"] == 0
+
+
+def test_deleted_endpoint_declares_nothing():
+    got, _, declared, _ = run([item(state="deleted")])
+    assert got == set() and declared.outputs == {}
+
+
+def test_untargeted_region_declares_nothing():
+    got, _, _, _ = run([item(regions=("eu-west-1",))])
+    assert got == set()
+
+
+def test_hpa():
+    got, inputs, _, _ = run([item(replicas=3, autoscaling={"enabled": True, "max_replicas": 5})])
+    assert got == plain() | {(HPA, "llama3")}
+    assert "replicas" not in inputs[f"llama3|{DEP}"]["spec"]
+
+
+def test_canary():
+    got, inputs, _, _ = run([item(canary={"image": "org/server:2", "weight": 30})])
+    assert got == plain() | {(DEP, "llama3-canary"), (SVC, "llama3-canary"), (ING, "inference-llama3-canary")}
+    ann = inputs[f"inference-llama3-canary|{ING}"]["metadata"]["annotations"]
+    assert '"weight":30' in ann["alb.ingress.kubernetes.io/actions.weighted"]
+
+
+def test_neuron():
+    _, inputs, _, _ = run([item(accelerator="neuron", gpu_count=2)])
+    pod = inputs[f"llama3|{DEP}"]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["aws.amazon.com/neuron"] == "2"
+    assert pod["tolerations"][0]["key"] == "aws.amazon.com/neuron"
+
+
+def test_spot():
+    _, inputs, _, _ = run([item(capacity_type="spot")])
+    assert inputs[f"llama3|{DEP}"]["spec"]["template"]["spec"]["nodeSelector"]["karpenter.sh/capacity-type"] == "spot"
+
+
+def test_s3_model_source():
+    _, inputs, _, _ = run([item(model_source="s3://bucket/llama3")])
+    init = inputs[f"llama3|{DEP}"]["spec"]["template"]["spec"]["initContainers"][0]
+    assert init["args"][:4] == ["s3", "sync", "s3://bucket/llama3", "/models"]
+
+
+def test_vllm_root_path():
+    _, inputs, _, _ = run([item(image="vllm/vllm-openai:v0.6.0")])
+    assert inputs[f"llama3|{DEP}"]["spec"]["template"]["spec"]["containers"][0]["args"] == ["--root-path", "/inference/llama3"]
+
+
+def test_withdrawn_ingress():
+    rec = item()
+    rec["region_status"] = {REGION: {"state": "running", "ingress": "withdrawn"}}
+    got, _, _, _ = run([rec])
+    assert got == {(COMP, "llama3"), (DEP, "llama3"), (SVC, "llama3")}
+
+
+def test_invalid_record_next_to_valid_ones_keeps_last_applied_declaration():
+    last_good = endpoint_to_item(parse_endpoint(item("broken", replicas=2)).endpoint)
+    broken = item("broken", replicas=-2)
+    got, inputs, declared, calls = run([item("ok-one"), broken, item("ok-two")], previous={"broken": last_good})
+    assert got == plain("ok-one") | plain("ok-two") | plain("broken")
+    assert inputs[f"broken|{DEP}"]["spec"]["replicas"] == 2  # the last applied value, not -2
+    assert declared.invalid == {"broken": ['endpoint "broken": spec.replicas must be >= 0, got -2']}
+    assert declared.outputs["broken"]["state"] == "error"
+    assert calls == [1]
+
+
+def test_new_invalid_record_is_reported_and_declares_nothing():
+    got, _, declared, _ = run([item("fresh", image="bad image")])
+    assert got == set()
+    assert "spec.image" in declared.invalid["fresh"][0]
+
+
+def test_previous_outputs_read_only_when_a_record_is_invalid():
+    _, _, _, calls = run([item()])
+    assert calls == []
+
+
+def test_kept_record_that_no_longer_validates_stops_the_run():
+    with pytest.raises(Exception, match="refusing to remove it"):
+        run([item("broken", replicas=-2)], previous={"broken": item("broken", replicas=-5)})
+
+
+SECRET_SIG = "4dabf18193072939515e22adb298388d"
+
+
+def test_sensitive_env_values_are_secret_in_state():
+    # The SDK marks the whole top-level input secret when a value inside it is secret.
+    _, inputs, _, _ = run([item(env={"HF_TOKEN": "hf_abc", "MODEL": "x"})])
+    spec = inputs[f"llama3|{DEP}"]["spec"]
+    assert SECRET_SIG in spec
+    env = spec["value"]["template"]["spec"]["containers"][0]["env"]
+    assert {e["name"] for e in env} == {"HF_TOKEN", "MODEL"}
+    _, inputs, _, _ = run([item(env={"MODEL": "x"})])
+    assert SECRET_SIG not in inputs[f"llama3|{DEP}"]["spec"]
+
+
+def test_outputs_carry_fingerprint_and_record():
+    _, _, declared, _ = run([item()])
+    out = declared.outputs["llama3"]
+    assert len(out["fingerprint"]) == 16
+    assert out["objects"] == {"deployment": "Deployment/llama3", "service": "Service/llama3",
+                              "ingress": "Ingress/inference-llama3"}
+
+
+def test_many_endpoints_each_get_own_components():
+    items = [item(f"ep{i}") for i in range(20)]
+    got, _, _, _ = run(items)
+    assert len(got) == 20 * 4
+
+
+def test_program_error_type_exported():
+    assert issubclass(ProgramError, RuntimeError)
+    assert json.loads(json.dumps(endpoint_to_item(parse_endpoint(item()).endpoint)))["endpoint_name"] == "llama3"
