@@ -16,6 +16,16 @@ TYPE = "gco:inference:Endpoint"
 # Env values whose name looks like a credential are stored as secrets in the stack state.
 _SENSITIVE = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|API_?KEY|ACCESS_?KEY)", re.I)
 
+TYPE_TOKENS = {
+    m.DEPLOYMENT: "kubernetes:apps/v1:Deployment",
+    m.CANARY_DEPLOYMENT: "kubernetes:apps/v1:Deployment",
+    m.SERVICE: "kubernetes:core/v1:Service",
+    m.CANARY_SERVICE: "kubernetes:core/v1:Service",
+    m.INGRESS: "kubernetes:networking.k8s.io/v1:Ingress",
+    m.CANARY_INGRESS: "kubernetes:networking.k8s.io/v1:Ingress",
+    m.HPA: "kubernetes:autoscaling/v2:HorizontalPodAutoscaler",
+}
+
 _KINDS = {
     m.DEPLOYMENT: k8s.apps.v1.Deployment,
     m.CANARY_DEPLOYMENT: k8s.apps.v1.Deployment,

@@ -48,50 +48,80 @@ class StackSettings:
     cluster: m.ClusterSettings = field(default_factory=m.ClusterSettings)
 
 
-def load_settings(config: pulumi.Config | None = None, stack: str | None = None) -> StackSettings:
-    """Stack config under the ``gco:`` namespace; GCO_* environment variables override it."""
-    cfg = config or pulumi.Config("gco")
-    stack = stack or pulumi.get_stack()
-    region = cfg.require("region")
-    cluster = m.ClusterSettings()
-    overrides: dict[str, Any] = {}
-    for key, attr, kind in (
-        ("albGroup", "alb_group", str), ("albScheme", "alb_scheme", str),
-        ("ingressClass", "ingress_class", str), ("modelVolumeClaim", "model_volume_claim", str),
-        ("modelSyncImage", "model_sync_image", str), ("serviceAccount", "service_account", str),
-        ("startupFailureThreshold", "startup_failure_threshold", int),
-        ("healthcheckIntervalSeconds", "healthcheck_interval_seconds", int),
-        ("skipAwaitAll", "skip_await_all", bool),
-    ):
-        value = cfg.get_bool(key) if kind is bool else cfg.get_int(key) if kind is int else cfg.get(key)
-        if value is not None:
-            overrides[attr] = value
-    selectors = cfg.get_object("gpuNodeSelectors")
-    if selectors is not None:
-        overrides["gpu_node_selectors"] = selectors
-    cluster = replace(cluster, **overrides)
+def _value(raw: Any, kind: type) -> Any:
+    """Config values arrive native (stack YAML) or as strings (pulumi.Config)."""
+    if raw is None or kind is str:
+        return raw
+    if kind is bool:
+        return raw if isinstance(raw, bool) else str(raw).lower() == "true"
+    if kind is int:
+        return int(raw)
+    return json.loads(raw) if isinstance(raw, str) else raw
 
-    namespaces = cfg.get_object("allowedNamespaces") or [DEFAULT_NAMESPACE]
+
+_CLUSTER_KEYS = (
+    ("albGroup", "alb_group", str), ("albScheme", "alb_scheme", str),
+    ("ingressClass", "ingress_class", str), ("modelVolumeClaim", "model_volume_claim", str),
+    ("modelSyncImage", "model_sync_image", str), ("serviceAccount", "service_account", str),
+    ("startupFailureThreshold", "startup_failure_threshold", int),
+    ("healthcheckIntervalSeconds", "healthcheck_interval_seconds", int),
+    ("skipAwaitAll", "skip_await_all", bool), ("gpuNodeSelectors", "gpu_node_selectors", dict),
+)
+
+
+def settings_from_values(values: Mapping[str, Any], stack: str) -> StackSettings:
+    """Settings from the ``gco:`` config values (keys without the namespace); GCO_* env wins."""
+    region = values.get("region")
+    if not region:
+        raise ProgramError(f"stack {stack}: gco:region is not set")
+    overrides = {attr: _value(values[key], kind) for key, attr, kind in _CLUSTER_KEYS if values.get(key) is not None}
+    cluster = replace(m.ClusterSettings(), **overrides)
+    namespaces = _value(values.get("allowedNamespaces"), list) or [DEFAULT_NAMESPACE]
     if not isinstance(namespaces, list) or not all(isinstance(n, str) for n in namespaces):
-        raise ProgramError("gco:allowedNamespaces must be a list of namespace names")
-    kubeconfig = os.environ.get("GCO_KUBECONFIG") or cfg.get("kubeconfig")
+        raise ProgramError(f"stack {stack}: gco:allowedNamespaces must be a list of namespace names")
+    kubeconfig = os.environ.get("GCO_KUBECONFIG") or values.get("kubeconfig")
     if kubeconfig and not os.path.isabs(kubeconfig):
         kubeconfig = str(PROJECT_ROOT / kubeconfig)
-    cluster_name = cfg.get("clusterName")
+    cluster_name = values.get("clusterName")
     if cluster_name is not None and not _CLUSTER_NAME.match(cluster_name):
-        raise ProgramError(f"gco:clusterName is not a valid EKS cluster name: {cluster_name!r}")
-    aws_region = cfg.get("awsRegion") or pulumi.Config("aws").get("region") or region
-    store = StoreConfig.from_env(table=cfg.get("table"), region=cfg.get("tableRegion") or aws_region,
-                                 endpoint_url=cfg.get("dynamodbEndpoint"))
+        raise ProgramError(f"stack {stack}: gco:clusterName is not a valid EKS cluster name: {cluster_name!r}")
+    aws_region = values.get("awsRegion") or values.get("aws:region") or region
+    store = StoreConfig.from_env(table=values.get("table"), region=values.get("tableRegion") or aws_region,
+                                 endpoint_url=values.get("dynamodbEndpoint"))
     if os.environ.get("GCO_DYNAMODB_ENDPOINT"):
         store = replace(store, endpoint_url=os.environ["GCO_DYNAMODB_ENDPOINT"])
     if os.environ.get("GCO_TABLE"):
         store = replace(store, table=os.environ["GCO_TABLE"])
     return StackSettings(
         stack=stack, region=region, allowed_namespaces=tuple(namespaces), cluster_name=cluster_name,
-        aws_region=aws_region, kubeconfig=kubeconfig, kube_context=cfg.get("kubeContext"),
+        aws_region=aws_region, kubeconfig=kubeconfig, kube_context=values.get("kubeContext"),
         store=store, cluster=cluster,
     )
+
+
+CONFIG_KEYS = ("region", "allowedNamespaces", "clusterName", "awsRegion", "kubeconfig", "kubeContext", "table",
+               "tableRegion", "dynamodbEndpoint") + tuple(k for k, _, _ in _CLUSTER_KEYS)
+
+
+def load_settings() -> StackSettings:
+    """Settings inside a Pulumi program, from the stack's ``gco:`` config."""
+    cfg = pulumi.Config("gco")
+    values: dict[str, Any] = {k: cfg.get(k) for k in CONFIG_KEYS}
+    values["aws:region"] = pulumi.Config("aws").get("region")
+    return settings_from_values(values, pulumi.get_stack())
+
+
+def settings_from_stack_file(stack: str, root: Path = PROJECT_ROOT) -> StackSettings:
+    """Settings outside the engine (runner, CLI), from ``stacks/Pulumi.<stack>.yaml``."""
+    import yaml
+
+    path = root / "stacks" / f"Pulumi.{stack}.yaml"
+    if not path.exists():
+        raise ProgramError(f"stack {stack}: {path} does not exist")
+    config = (yaml.safe_load(path.read_text()) or {}).get("config") or {}
+    values = {k.split(":", 1)[1]: v for k, v in config.items() if k.startswith("gco:")}
+    values["aws:region"] = config.get("aws:region")
+    return settings_from_values(values, stack)
 
 
 def eks_kubeconfig(cluster_name: str, aws_region: str, endpoint: str, ca_data: str) -> str:

@@ -1,0 +1,347 @@
+"""gco-infra: a thin command-line front over the program, the runner and the local environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import structlog
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from . import localenv
+from .endpoint import DESIRED_STATES, endpoint_to_item, parse_endpoint
+from .program import PROJECT_ROOT, ProgramError, settings_from_stack_file
+from .store import EndpointStore, StoreConfig, StoreError
+
+console = Console(stderr=True)
+out = Console()
+
+
+def _configure_logging(json_logs: bool | None) -> None:
+    if json_logs is None:
+        json_logs = not sys.stderr.isatty()
+    processors: list[Any] = [structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True)]
+    processors.append(structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+    structlog.configure(processors=processors, logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
+
+
+log = structlog.get_logger("gco-infra")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--json-logs/--no-json-logs", default=None, help="Structured JSON logs (default: when stderr is not a terminal).")
+def main(json_logs: bool | None) -> None:
+    """GPU inference endpoints across regions, declared from a DynamoDB table and applied with Pulumi.
+
+    \b
+    Quick start on this machine (no cloud needed):
+      gco-infra demo            start the local environment, load examples, apply both local regions
+    """
+    _configure_logging(json_logs)
+
+
+# ---- local environment ------------------------------------------------------------------------------------
+
+
+@main.group()
+def local() -> None:
+    """The local environment: etcd, two kube-apiservers (regions local-1, local-2), DynamoDB (moto), file backend.
+
+    Everything listens on 127.0.0.1; state lives in .state/local (or $GCO_STATE_DIR).
+    """
+
+
+@local.command("up")
+def local_up() -> None:
+    """Start (or keep) the local environment; running twice is harmless."""
+    env = localenv.LocalEnv.load()
+    try:
+        env.up(progress=lambda s: console.print(f"[cyan]local[/] {s}"))
+    except localenv.LocalEnvError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _print_status(env)
+
+
+@local.command("down")
+@click.option("--wipe", is_flag=True, help="Also delete the state dir (kubeconfigs, stack state, logs).")
+def local_down(wipe: bool) -> None:
+    """Stop every process of the local environment."""
+    env = localenv.LocalEnv.load()
+    env.down(progress=lambda s: console.print(f"[cyan]local[/] {s}"), wipe=wipe)
+
+
+@local.command("status")
+def local_status() -> None:
+    """Show what runs and whether it answers; exit 1 if anything is down."""
+    env = localenv.LocalEnv.load()
+    if not _print_status(env):
+        sys.exit(1)
+
+
+@local.command("env")
+def local_env() -> None:
+    """Print `export` lines to use `pulumi` and the stacks against the local environment.
+
+    \b
+      eval "$(gco-infra local env)"; pulumi preview -s local
+    """
+    env = localenv.LocalEnv.load()
+    import shlex
+
+    values = env.pulumi_env()
+    values["GCO_KUBECONFIG"] = str(env.kubeconfig("local-1"))
+    for k, v in values.items():
+        out.print(f"export {k}={shlex.quote(v)}", highlight=False)
+
+
+def _print_status(env: localenv.LocalEnv) -> bool:
+    table = Table("component", "state", "address")
+    status = env.status()
+    addresses = {"etcd": f"127.0.0.1:{env.etcd_port}", "dynamodb": env.dynamodb_endpoint}
+    addresses.update({f"apiserver {r}": a.url for r, a in env.apiservers.items()})
+    for name, ok in status.items():
+        table.add_row(name, "[green]up[/]" if ok else "[red]down[/]", addresses.get(name, ""))
+    console.print(table)
+    return all(status.values()) and bool(env.apiservers)
+
+
+def _local_store() -> EndpointStore:
+    env = localenv.LocalEnv.load()
+    if env.moto_port and env.status().get("dynamodb"):
+        return env.store()
+    return EndpointStore(StoreConfig.from_env())
+
+
+# ---- endpoints (writes the platform's item shape) ----------------------------------------------------------
+
+
+@main.group()
+def endpoints() -> None:
+    """Put desired endpoints into the table, as the platform's CLI does.
+
+    Uses the local environment's DynamoDB when it runs, else $GCO_TABLE / $GCO_DYNAMODB_ENDPOINT / AWS.
+    """
+
+
+@endpoints.command("apply")
+@click.option("-f", "--file", "path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="YAML file with a list of endpoint records (or {endpoints: [...]}).")
+@click.option("--namespaces", default="gco-inference,gco-inference-team-b", show_default=True,
+              help="Namespaces accepted while validating before the write.")
+def endpoints_apply(path: Path, namespaces: str) -> None:
+    """Validate and write every endpoint in FILE; nothing is written if any record is invalid."""
+    data = yaml.safe_load(path.read_text()) or []
+    records = data.get("endpoints", []) if isinstance(data, dict) else data
+    if not isinstance(records, list):
+        raise click.ClickException(f"{path}: expected a list of endpoint records")
+    allowed = tuple(n.strip() for n in namespaces.split(",") if n.strip())
+    parsed, errors = [], []
+    for rec in records:
+        r = parse_endpoint(rec, allowed_namespaces=allowed)
+        errors.extend(r.errors)
+        if r.endpoint:
+            parsed.append(r.endpoint)
+    if errors:
+        raise click.ClickException("invalid records, nothing written:\n  " + "\n  ".join(errors))
+    store = _local_store()
+    try:
+        for ep in parsed:
+            store.put_desired(endpoint_to_item(ep))
+            console.print(f"applied [bold]{ep.name}[/] ({ep.desired_state}, regions {', '.join(ep.target_regions)})")
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@endpoints.command("set-state")
+@click.argument("name")
+@click.argument("state", type=click.Choice(DESIRED_STATES))
+def endpoints_set_state(name: str, state: str) -> None:
+    """Set NAME's desired_state (conditional on the value just read)."""
+    store = _local_store()
+    try:
+        item = store.get(name)
+        if item is None:
+            raise click.ClickException(f'endpoint "{name}" does not exist')
+        if not store.set_desired_state(name, state, expected=item.get("desired_state")):
+            raise click.ClickException(f'endpoint "{name}" changed while updating; try again')
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+    console.print(f"{name}: desired_state {item.get('desired_state')} -> {state}")
+
+
+@endpoints.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw items as JSON.")
+def endpoints_list(as_json: bool) -> None:
+    """Show endpoints and their per-region status."""
+    try:
+        items = _local_store().list_endpoints()
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        from .store import plain
+
+        out.print_json(json.dumps(plain(items)))
+        return
+    out.print(status_table(items))
+
+
+def status_table(items: list[dict[str, Any]]) -> Table:
+    regions = sorted({r for i in items for r in (i.get("target_regions") or [])} |
+                     {r for i in items for r in (i.get("region_status") or {})})
+    table = Table("endpoint", "desired", *regions, title="endpoints x regions")
+    for item in sorted(items, key=lambda i: str(i.get("endpoint_name"))):
+        rs = item.get("region_status") or {}
+        cells = []
+        for r in regions:
+            s = rs.get(r) or {}
+            state = s.get("state", "-" if r not in (item.get("target_regions") or []) else "pending")
+            extra = f" ({s.get('replicas_ready', 0)}/{s.get('replicas_desired', 0)})" if s.get("replicas_desired") is not None else ""
+            if s.get("ingress") == "withdrawn":
+                extra += " ingress withdrawn"
+            colour = {"running": "green", "error": "red", "stopped": "yellow"}.get(str(state), "white")
+            cells.append(f"[{colour}]{state}[/]{extra}")
+        table.add_row(str(item.get("endpoint_name")), str(item.get("desired_state")), *cells)
+    return table
+
+
+# ---- runner ------------------------------------------------------------------------------------------------------
+
+
+def _stacks_for(names: tuple[str, ...]) -> list[str]:
+    if names:
+        return list(names)
+    return ["local", "local-2"]
+
+
+def build_runner(stacks: list[str], opts: Any, progress):
+    from .runner import Runner, with_local_overrides
+
+    settings = [settings_from_stack_file(s) for s in stacks]
+    is_local = all(s.kubeconfig and not s.cluster_name for s in settings)
+    if is_local:
+        env_obj = localenv.LocalEnv.load()
+        if not env_obj.status().get("dynamodb"):
+            raise click.ClickException("the local environment is not running: run `gco-infra local up` first")
+        settings = [with_local_overrides(s, str(env_obj.kubeconfig(s.region)), env_obj.dynamodb_endpoint, env_obj.table)
+                    for s in settings]
+        env = env_obj.pulumi_env()
+    else:
+        env = {k: v for k, v in os.environ.items() if k.startswith(("PULUMI_", "AWS_", "GCO_", "PATH", "HOME"))}
+    store = EndpointStore(settings[0].store)
+    return Runner(settings, store, env, opts, progress=progress)
+
+
+@main.command("run")
+@click.option("--once", is_flag=True, help="One tick, then exit with a meaningful code (0 ok, 1 failed, 3 table unreadable, 4 deletion refused, 75 locked).")
+@click.option("--stack", "stacks", multiple=True, help="Stack to drive (repeatable). Default: the local stacks.")
+@click.option("--interval", type=float, default=15.0, show_default=True, envvar="GCO_RUN_INTERVAL", help="Seconds between ticks.")
+@click.option("--full-every", type=float, default=600.0, show_default=True, envvar="GCO_FULL_EVERY",
+              help="Seconds between full reconciles (up --refresh), which repair drift and out-of-band deletions.")
+@click.option("--full", is_flag=True, help="Force a full reconcile on the first tick.")
+@click.option("--allow-mass-delete", is_flag=True, help="Allow a tick to remove more endpoints than the deletion bound.")
+@click.option("--max-delete-fraction", type=float, default=0.10, show_default=True, help="Deletion bound, as a fraction of a stack's endpoints.")
+@click.option("--max-delete-min", type=int, default=2, show_default=True, help="Deletion bound floor (endpoints).")
+@click.option("--parallel", type=int, default=1, show_default=True, help="Stacks operated at once (one process each).")
+def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float, full: bool, allow_mass_delete: bool,
+        max_delete_fraction: float, max_delete_min: int, parallel: int) -> None:
+    """Apply the regional stacks from the table: nothing when nothing changed, targeted updates for a few
+    changed endpoints, a full `up --refresh` periodically."""
+    from .runner import EXIT_CONFIG, EXIT_STORE, RunnerOptions, exit_code
+
+    opts = RunnerOptions(full_every=full_every, allow_mass_delete=allow_mass_delete, parallel=parallel,
+                         max_delete_fraction=max_delete_fraction, max_delete_min=max_delete_min)
+    try:
+        runner = build_runner(_stacks_for(stacks), opts, progress=lambda s: log.info("progress", msg=s))
+    except ProgramError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        sys.exit(EXIT_CONFIG)
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    first = True
+    code = 0
+    try:
+        while True:
+            started = time.monotonic()
+            try:
+                results = runner.tick(force_full=full and first)
+            except StoreError as exc:
+                log.error("tick stopped before any change: table unreadable", error=str(exc))
+                code = EXIT_STORE
+                results = []
+            except ProgramError as exc:
+                log.error("tick failed", error=str(exc))
+                code = EXIT_CONFIG
+                results = []
+            for r in results:
+                log.info("stack", summary=r.summary(), stack=r.stack, action=r.action, changed=r.changed,
+                         created=r.created, updated=r.updated, deleted=r.deleted, failed=r.failed,
+                         seconds=round(r.seconds, 2), errors=r.endpoint_errors or None)
+            if results:
+                code = exit_code(results)
+            first = False
+            if once or stop["now"]:
+                break
+            time.sleep(max(0.0, interval - (time.monotonic() - started)))
+            if stop["now"]:
+                break
+    finally:
+        runner.close()
+    sys.exit(code if once else 0)
+
+
+# ---- the demo: the README's first command ------------------------------------------------------------------
+
+
+@main.command("demo")
+@click.option("--file", "path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=PROJECT_ROOT / "examples" / "endpoints.yaml", show_default=True)
+def demo(path: Path) -> None:
+    """Start the local environment, load example endpoints, apply both local regions once, show the result."""
+    from .runner import RunnerOptions, exit_code
+
+    ctx = click.get_current_context()
+    ctx.invoke(local_up)
+    ctx.invoke(endpoints_apply, path=path, namespaces="gco-inference,gco-inference-team-b")
+    runner = build_runner(["local", "local-2"], RunnerOptions(), progress=lambda s: console.print(f"[cyan]run[/] {s}"))
+    try:
+        results = runner.tick(force_full=True)
+    finally:
+        runner.close()
+    for r in results:
+        console.print(r.summary())
+    env = localenv.LocalEnv.load()
+    out.print(status_table(env.store().list_endpoints()))
+    out.print(objects_table(env))
+    sys.exit(exit_code(results))
+
+
+def objects_table(env: localenv.LocalEnv) -> Table:
+    from kubernetes import client
+
+    table = Table("region", "kind", "namespace", "name", "detail", title="Kubernetes objects (label gco.io/type=inference)")
+    selector = "gco.io/type=inference"
+    for region in env.apiservers:
+        api = env.kube(region)
+        apps, core, net, auto = client.AppsV1Api(api), client.CoreV1Api(api), client.NetworkingV1Api(api), client.AutoscalingV2Api(api)
+        for d in apps.list_deployment_for_all_namespaces(label_selector=selector).items:
+            c = d.spec.template.spec.containers[0]
+            table.add_row(region, "Deployment", d.metadata.namespace, d.metadata.name, f"replicas={d.spec.replicas} image={c.image}")
+        for s in core.list_service_for_all_namespaces(label_selector=selector).items:
+            table.add_row(region, "Service", s.metadata.namespace, s.metadata.name, f"port 80 -> {s.spec.ports[0].target_port}")
+        for i in net.list_ingress_for_all_namespaces(label_selector=selector).items:
+            table.add_row(region, "Ingress", i.metadata.namespace, i.metadata.name, i.spec.rules[0].http.paths[0].path)
+        for h in auto.list_horizontal_pod_autoscaler_for_all_namespaces(label_selector=selector).items:
+            table.add_row(region, "HPA", h.metadata.namespace, h.metadata.name, f"{h.spec.min_replicas}..{h.spec.max_replicas}")
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""The local environment: real etcd, kube-apiservers, a moto DynamoDB server and a file backend.
+
+Everything listens on 127.0.0.1. One etcd serves two apiservers (one per local "region", each
+with its own etcd prefix), so multi-region behaviour is real. State (ports, pids, kubeconfigs,
+tokens) lives in a state dir; ``up`` is idempotent and ``down`` leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .store import DEFAULT_TABLE, EndpointStore, StoreConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+REGIONS = ("local-1", "local-2")
+STACK_FOR_REGION = {"local-1": "local", "local-2": "local-2"}
+NAMESPACES = ("gco-inference", "gco-inference-team-b")
+
+
+class LocalEnvError(RuntimeError):
+    pass
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("GCO_STATE_DIR") or PROJECT_ROOT / ".state" / "local")
+
+
+def tools_bin() -> Path:
+    return Path(os.environ.get("GCO_TOOLS_DIR") or Path.home() / ".cache" / "gco-infra" / "tools") / "bin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive(pid: int | None, marker: str) -> bool:
+    if not pid:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return marker in cmdline
+
+
+def _wait(check: Callable[[], bool], what: str, timeout: float, proc_pid: int | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if proc_pid is not None and not Path(f"/proc/{proc_pid}").exists():
+            break
+        time.sleep(0.25)
+    tail = ""
+    if log and log.exists():
+        tail = "\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+    raise LocalEnvError(f"{what} did not become ready within {timeout:.0f}s{tail}")
+
+
+def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=env or os.environ.copy())
+    return proc.pid
+
+
+def start_moto(port: int, log: Path) -> int:
+    """moto's standalone server on 127.0.0.1:port; returns its pid once it answers."""
+    exe = Path(sys.executable).with_name("moto_server")
+    if not exe.exists():
+        raise LocalEnvError(f"moto_server not found next to {sys.executable}; run scripts/setup")
+    pid = _spawn([str(exe), "-H", "127.0.0.1", "-p", str(port)], log)
+    _wait(lambda: _http_ok(f"http://127.0.0.1:{port}/moto-api/"), "moto server", 30, pid, log)
+    return pid
+
+
+def _http_ok(url: str, token: str | None = None, ctx: ssl.SSLContext | None = None) -> bool:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=2, context=ctx) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def stop_pid(pid: int | None, marker: str, timeout: float = 15) -> None:
+    if not _alive(pid, marker):
+        return
+    assert pid is not None
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _alive(pid, marker):
+        time.sleep(0.1)
+    if _alive(pid, marker):
+        os.killpg(pid, signal.SIGKILL)
+        time.sleep(0.2)
+
+
+@dataclass
+class ApiServer:
+    region: str
+    port: int
+    pid: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+
+@dataclass
+class LocalEnv:
+    """What runs, where; persisted as state.json in the state dir."""
+
+    dir: str
+    etcd_port: int = 0
+    etcd_peer_port: int = 0
+    etcd_pid: int | None = None
+    moto_port: int = 0
+    moto_pid: int | None = None
+    admin_token: str = ""
+    apiservers: dict[str, ApiServer] = field(default_factory=dict)
+    table: str = DEFAULT_TABLE
+
+    # ---- persistence ---------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, directory: Path | None = None) -> "LocalEnv":
+        d = directory or state_dir()
+        f = d / "state.json"
+        if not f.exists():
+            return cls(dir=str(d))
+        raw = json.loads(f.read_text())
+        raw["apiservers"] = {k: ApiServer(**v) for k, v in raw.get("apiservers", {}).items()}
+        raw["dir"] = str(d)
+        return cls(**raw)
+
+    def save(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.path / "state.json.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(self.path / "state.json")
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir)
+
+    @property
+    def dynamodb_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.moto_port}"
+
+    def kubeconfig(self, region: str) -> Path:
+        return self.path / f"kubeconfig-{region}"
+
+    @property
+    def backend_url(self) -> str:
+        return f"file://{self.path / 'backend'}"
+
+    def store(self) -> EndpointStore:
+        return EndpointStore(StoreConfig(table=self.table, region="us-east-1", endpoint_url=self.dynamodb_endpoint))
+
+    def pulumi_env(self) -> dict[str, str]:
+        """Environment for the Pulumi CLI and Automation API against this environment."""
+        return {
+            "PATH": f"{tools_bin()}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PULUMI_BACKEND_URL": self.backend_url,
+            "PULUMI_CONFIG_PASSPHRASE": os.environ.get("PULUMI_CONFIG_PASSPHRASE", ""),
+            "PULUMI_SKIP_UPDATE_CHECK": "true",
+            "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "true",
+            "PULUMI_HOME": str(self.path / "pulumi-home"),
+            "GCO_DYNAMODB_ENDPOINT": self.dynamodb_endpoint,
+            "GCO_TABLE": self.table,
+            "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_REGION": "us-east-1",
+        }
+
+    # ---- status ----------------------------------------------------------------------------------------
+    def status(self) -> dict[str, bool]:
+        ctx = _insecure()
+        result = {
+            "etcd": _alive(self.etcd_pid, "etcd") and _http_ok(f"http://127.0.0.1:{self.etcd_port}/health"),
+            "dynamodb": _alive(self.moto_pid, "moto_server") and _http_ok(f"{self.dynamodb_endpoint}/moto-api/"),
+        }
+        for region, api in self.apiservers.items():
+            result[f"apiserver {region}"] = _alive(api.pid, "kube-apiserver") and _http_ok(
+                f"{api.url}/readyz", self.admin_token, ctx)
+        return result
+
+    # ---- up / down ---------------------------------------------------------------------------------------
+    def up(self, regions: Iterable[str] = REGIONS, progress: Callable[[str], None] = lambda s: None) -> None:
+        binaries = {b: tools_bin() / b for b in ("etcd", "kube-apiserver")}
+        missing = [b for b, p in binaries.items() if not p.exists()]
+        if missing:
+            raise LocalEnvError(f"{', '.join(missing)} not built; run scripts/tools build (or scripts/setup)")
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "backend").mkdir(exist_ok=True)
+        (self.path / "pulumi-home").mkdir(exist_ok=True)
+        if not self.admin_token:
+            self.admin_token = secrets.token_hex(24)
+        self._credentials()
+
+        if _alive(self.etcd_pid, "etcd"):
+            progress(f"etcd already running on 127.0.0.1:{self.etcd_port}")
+        else:
+            self.etcd_port, self.etcd_peer_port = free_port(), free_port()
+            progress(f"starting etcd on 127.0.0.1:{self.etcd_port}")
+            data = self.path / "etcd-data"
+            shutil.rmtree(data, ignore_errors=True)
+            self.etcd_pid = _spawn([
+                str(binaries["etcd"]), "--name", "gco-local", "--data-dir", str(data), "--unsafe-no-fsync",
+                "--listen-client-urls", f"http://127.0.0.1:{self.etcd_port}",
+                "--advertise-client-urls", f"http://127.0.0.1:{self.etcd_port}",
+                "--listen-peer-urls", f"http://127.0.0.1:{self.etcd_peer_port}",
+                "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.etcd_peer_port}",
+                "--initial-cluster", f"gco-local=http://127.0.0.1:{self.etcd_peer_port}",
+                "--log-level", "warn",
+            ], self.path / "etcd.log")
+            _wait(lambda: _http_ok(f"http://127.0.0.1:{self.etcd_port}/health"), "etcd", 60, self.etcd_pid, self.path / "etcd.log")
+            self.apiservers = {}  # a new etcd means new apiservers and an empty cluster:
+            shutil.rmtree(self.path / "backend", ignore_errors=True)  # stack state would describe the old one
+            (self.path / "backend").mkdir()
+        self.save()
+
+        if _alive(self.moto_pid, "moto_server"):
+            progress(f"DynamoDB (moto) already running on 127.0.0.1:{self.moto_port}")
+        else:
+            self.moto_port = free_port()
+            progress(f"starting DynamoDB (moto server) on 127.0.0.1:{self.moto_port}")
+            self.moto_pid = start_moto(self.moto_port, self.path / "moto.log")
+        self.save()
+        self.store().create_table()
+
+        for region in regions:
+            api = self.apiservers.get(region)
+            if api and _alive(api.pid, "kube-apiserver"):
+                progress(f"kube-apiserver {region} already running on {api.url}")
+                continue
+            api = ApiServer(region=region, port=free_port())
+            progress(f"starting kube-apiserver {region} on {api.url}")
+            log = self.path / f"apiserver-{region}.log"
+            api.pid = _spawn([
+                str(binaries["kube-apiserver"]),
+                "--etcd-servers", f"http://127.0.0.1:{self.etcd_port}", "--etcd-prefix", f"/registry-{region}",
+                "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1", "--secure-port", str(api.port),
+                "--cert-dir", str(self.path / f"certs-{region}"),
+                "--service-cluster-ip-range", "10.96.0.0/16",
+                "--service-account-issuer", f"https://kubernetes.default.svc/{region}",
+                "--service-account-key-file", str(self.path / "sa.pub"),
+                "--service-account-signing-key-file", str(self.path / "sa.key"),
+                "--token-auth-file", str(self.path / "tokens.csv"),
+                "--authorization-mode", "RBAC",
+                "--disable-admission-plugins", "ServiceAccount",
+                "--enable-priority-and-fairness=false",
+                "--v", "0",
+            ], log)
+            self.apiservers[region] = api
+            self.save()
+            ctx = _insecure()
+            _wait(lambda: _http_ok(f"{api.url}/readyz", self.admin_token, ctx), f"kube-apiserver {region}", 120, api.pid, log)
+            self._write_kubeconfig(api)
+        self.save()
+        for region in regions:
+            self._ensure_namespaces(region)
+
+    def _credentials(self) -> None:
+        key, pub = self.path / "sa.key", self.path / "sa.pub"
+        if not key.exists():
+            from cryptography.hazmat.primitives import serialization
+            from cryptography.hazmat.primitives.asymmetric import rsa
+
+            k = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            key.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                            serialization.NoEncryption()))
+            pub.write_bytes(k.public_key().public_bytes(serialization.Encoding.PEM,
+                                                        serialization.PublicFormat.SubjectPublicKeyInfo))
+            key.chmod(0o600)
+        tokens = self.path / "tokens.csv"
+        tokens.write_text(f'{self.admin_token},gco-admin,gco-admin,"system:masters"\n')
+        tokens.chmod(0o600)
+
+    def _write_kubeconfig(self, api: ApiServer) -> None:
+        name = f"gco-{api.region}"
+        cfg = {
+            "apiVersion": "v1", "kind": "Config", "current-context": name,
+            "clusters": [{"name": name, "cluster": {"server": api.url, "insecure-skip-tls-verify": True}}],
+            "contexts": [{"name": name, "context": {"cluster": name, "user": "gco-admin"}}],
+            "users": [{"name": "gco-admin", "user": {"token": self.admin_token}}],
+        }
+        path = self.kubeconfig(api.region)
+        path.write_text(json.dumps(cfg, indent=2))
+        path.chmod(0o600)
+
+    def kube(self, region: str):
+        """A kubernetes.client ApiClient for one local region."""
+        from kubernetes import client, config
+
+        return config.new_client_from_config(str(self.kubeconfig(region)))
+
+    def _ensure_namespaces(self, region: str) -> None:
+        from kubernetes import client
+
+        core = client.CoreV1Api(self.kube(region))
+        existing = {n.metadata.name for n in core.list_namespace().items}
+        for ns in NAMESPACES:
+            if ns not in existing:
+                core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+
+    def down(self, progress: Callable[[str], None] = lambda s: None, *, wipe: bool = False) -> None:
+        for region, api in self.apiservers.items():
+            progress(f"stopping kube-apiserver {region}")
+            stop_pid(api.pid, "kube-apiserver")
+        progress("stopping etcd")
+        stop_pid(self.etcd_pid, "etcd")
+        progress("stopping DynamoDB (moto server)")
+        stop_pid(self.moto_pid, "moto_server")
+        self.etcd_pid = self.moto_pid = None
+        for api in self.apiservers.values():
+            api.pid = None
+        if wipe:
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            self.save()
+
+
+def _insecure() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx

@@ -1,0 +1,488 @@
+"""The Automation API runner: applies regional stacks on a schedule, only where something changed.
+
+Each tick reads the table once (fail closed), plans every stack by comparing each endpoint's
+desired fingerprint with what the stack last applied (its outputs), and then per stack does
+nothing, a targeted ``up`` of the changed endpoints, or a full ``up --refresh``. Status is
+written back only where it changed, with conditional writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from . import manifests as m
+from .component import TYPE as COMPONENT_TYPE
+from .component import TYPE_TOKENS
+from .endpoint import Endpoint, Validated, validate_all
+from .program import PROJECT_ROOT, ProgramError, StackSettings, previous_records_from_outputs
+from .store import EndpointStore, StoreError, utcnow
+
+PROJECT = "gco-infra"
+
+# Exit codes of `gco-infra run --once`.
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STORE, EXIT_REFUSED, EXIT_LOCKED = 0, 1, 2, 3, 4, 75
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    full_every: float = 600.0
+    """Seconds between full reconciles (up --refresh), which also repair drift."""
+    max_delete_fraction: float = 0.10
+    max_delete_min: int = 2
+    allow_mass_delete: bool = False
+    stale_lock_seconds: float = 600.0
+    """A file-backend lock older than this whose process is gone is removed."""
+    parallel: int = 1
+    """Stacks operated at once (each in its own process)."""
+    pulumi_parallel: int = 32
+
+
+@dataclass
+class Plan:
+    stack: str
+    region: str
+    desired: dict[str, str]
+    """Endpoint -> fingerprint of what should be declared in this region."""
+    created: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    invalid: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    full: bool = False
+    reason: str = ""
+    refused: str | None = None
+
+    @property
+    def touched(self) -> list[str]:
+        return self.created + self.changed + self.removed
+
+    @property
+    def needs_operation(self) -> bool:
+        return self.full or bool(self.touched)
+
+
+@dataclass
+class StackResult:
+    stack: str
+    region: str
+    action: str = "none"
+    """none | targeted | full | skipped | refused | failed"""
+    created: int = 0
+    updated: int = 0
+    deleted: int = 0
+    failed: int = 0
+    changed: int = 0
+    operations: int = 0
+    seconds: float = 0.0
+    message: str = ""
+    endpoint_errors: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, Any] | None = None
+    status_writes: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.stack} ({self.region}): {self.action}; changed {self.changed}, created {self.created}, "
+                f"updated {self.updated}, deleted {self.deleted}, failed {self.failed}, "
+                f"status writes {self.status_writes}, {self.seconds:.1f}s"
+                + (f" - {self.message}" if self.message else ""))
+
+
+# ---- planning (pure) ----------------------------------------------------------------------------
+
+
+def desired_for_region(validated: Validated, settings: StackSettings) -> dict[str, str]:
+    out = {}
+    for ep in validated.endpoints.values():
+        objects = m.desired_objects(ep, settings.region, settings.cluster)
+        if objects:
+            out[ep.name] = m.fingerprint(objects)
+    return out
+
+
+def applied_fingerprints(outputs: Mapping[str, Any] | None) -> dict[str, str]:
+    endpoints = (outputs or {}).get("endpoints") or {}
+    return {n: o.get("fingerprint", "") for n, o in endpoints.items() if isinstance(o, Mapping)}
+
+
+def plan_stack(settings: StackSettings, validated: Validated, outputs: Mapping[str, Any] | None, *,
+               full_due: bool, opts: RunnerOptions) -> Plan:
+    desired = desired_for_region(validated, settings)
+    applied = applied_fingerprints(outputs)
+    plan = Plan(stack=settings.stack, region=settings.region, desired=desired,
+                invalid={k: v for k, v in validated.invalid.items()})
+    for name, fp in sorted(desired.items()):
+        if name not in applied:
+            plan.created.append(name)
+        elif applied[name] != fp:
+            plan.changed.append(name)
+    # An invalid record keeps what it had: it is never counted as removed.
+    plan.removed = sorted(n for n in applied if n not in desired and n not in validated.invalid)
+    if outputs is None or "endpoints" not in outputs:
+        plan.full, plan.reason = True, "first apply"
+    elif (outputs or {}).get("declarationVersion") != m.DECLARATION_VERSION:
+        plan.full, plan.reason = True, "declaration version changed"
+    elif full_due:
+        plan.full, plan.reason = True, "periodic full reconcile"
+    bound = max(opts.max_delete_min, int(len(applied) * opts.max_delete_fraction))
+    if len(plan.removed) > bound and not opts.allow_mass_delete:
+        plan.refused = (f"refusing to remove {len(plan.removed)} endpoints from {settings.stack} "
+                        f"(bound {bound}: max({opts.max_delete_min}, {opts.max_delete_fraction:.0%} of {len(applied)})); "
+                        "re-run with --allow-mass-delete if this is intended")
+    return plan
+
+
+def stack_urn(stack: str) -> str:
+    return f"urn:pulumi:{stack}::{PROJECT}::pulumi:pulumi:Stack::{PROJECT}-{stack}"
+
+
+def endpoint_urns(stack: str, name: str, roles_objects: Mapping[str, str]) -> list[str]:
+    base = f"urn:pulumi:{stack}::{PROJECT}::{COMPONENT_TYPE}"
+    urns = [f"{base}::{name}"]
+    for role, objname in roles_objects.items():
+        urns.append(f"{base}${TYPE_TOKENS[role]}::{objname}")
+    return urns
+
+
+def targets_for(plan: Plan, validated: Validated, settings: StackSettings, outputs: Mapping[str, Any] | None) -> list[str]:
+    old = (outputs or {}).get("endpoints") or {}
+    urns = [stack_urn(plan.stack)]
+    for name in plan.touched:
+        roles: dict[str, str] = {}
+        for role, ref in (old.get(name, {}).get("objects") or {}).items():
+            roles[role] = ref.split("/", 1)[1]
+        ep = validated.endpoints.get(name)
+        if ep is not None:
+            for role, obj in m.desired_objects(ep, settings.region, settings.cluster).items():
+                roles[role] = obj["metadata"]["name"]
+        urns += endpoint_urns(plan.stack, name, roles)
+    return urns
+
+
+def endpoint_of_object(objname: str) -> str:
+    """Kubernetes object name -> endpoint name (names ending in -canary are reserved)."""
+    name = objname.removeprefix("inference-")
+    return name.removesuffix("-canary")
+
+
+# ---- the Pulumi operation (runs in a worker process) ----------------------------------------------
+
+
+def _recover_file_backend(stack: str, env: Mapping[str, str], stale_after: float, log: Callable[[str], None]) -> None:
+    """Remove a stale lock of a runner that died mid-update (file backends only)."""
+    url = env.get("PULUMI_BACKEND_URL", "")
+    if not url.startswith("file://"):
+        return
+    locks = Path(url[len("file://"):]) / ".pulumi" / "locks"
+    for lock in locks.glob(f"**/{PROJECT}/{stack}/*.json"):
+        try:
+            info = json.loads(lock.read_text())
+            age = time.time() - lock.stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        pid = int(info.get("pid") or 0)
+        same_host = info.get("hostname") == os.uname().nodename
+        alive = same_host and pid > 0 and Path(f"/proc/{pid}").exists()
+        if age > stale_after and not alive:
+            log(f"{stack}: removing stale lock {lock.name} (age {age:.0f}s, pid {pid} gone)")
+            lock.unlink(missing_ok=True)
+
+
+def _clear_pending(stack_obj: Any, stack: str, log: Callable[[str], None]) -> bool:
+    """Drop pending operations left by a killed update; the following refresh finds the truth."""
+    from pulumi.automation import Deployment
+
+    dep = stack_obj.export_stack()
+    pending = (dep.deployment or {}).get("pending_operations") or []
+    if not pending:
+        return False
+    log(f"{stack}: clearing {len(pending)} pending operation(s) left by an interrupted update")
+    dep.deployment["pending_operations"] = []
+    stack_obj.import_stack(Deployment(version=dep.version, deployment=dep.deployment))
+    return True
+
+
+def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, outputs: Mapping[str, Any] | None,
+            env: Mapping[str, str], opts: RunnerOptions, targets: list[str] | None) -> StackResult:
+    """Run one Pulumi operation for one stack; never raises (errors are in the result)."""
+    from pulumi import automation as auto
+
+    from . import program
+
+    result = StackResult(stack=plan.stack, region=plan.region, action="full" if plan.full else "targeted")
+    started = time.monotonic()
+    messages: list[str] = []
+    diags: dict[str, list[str]] = {}
+
+    def log(msg: str) -> None:
+        messages.append(msg)
+
+    def on_event(event: Any) -> None:
+        d = getattr(event, "diagnostic_event", None)
+        if d is not None and d.severity == "error" and d.urn:
+            objname = d.urn.rsplit("::", 1)[-1]
+            diags.setdefault(endpoint_of_object(objname), []).append(d.message.strip())
+        f = getattr(event, "res_op_failed_event", None)
+        if f is not None and f.metadata and f.metadata.urn:
+            objname = f.metadata.urn.rsplit("::", 1)[-1]
+            diags.setdefault(endpoint_of_object(objname), [])
+
+    previous = previous_records_from_outputs(outputs or {})
+
+    def pulumi_program() -> None:
+        program.main(items=items, previous=lambda: previous, settings=settings)
+
+    try:
+        os.environ.update(env)
+        _recover_file_backend(plan.stack, env, opts.stale_lock_seconds, log)
+        stack = auto.create_or_select_stack(
+            stack_name=plan.stack, project_name=PROJECT, program=pulumi_program,
+            opts=auto.LocalWorkspaceOptions(work_dir=str(PROJECT_ROOT), env_vars=dict(env)))
+        full = plan.full
+        if _clear_pending(stack, plan.stack, log):
+            full = True
+            result.action = "full"
+        kwargs: dict[str, Any] = dict(on_event=on_event, parallel=opts.pulumi_parallel, continue_on_error=True,
+                                      suppress_progress=True, color="never")
+        if full:
+            up = stack.up(refresh=True, **kwargs)
+        else:
+            up = stack.up(target=targets, **kwargs)
+        result.operations += 1
+        counts = up.summary.resource_changes or {}
+        result.created, result.updated, result.deleted = counts.get("create", 0), counts.get("update", 0) + counts.get("replace", 0), counts.get("delete", 0)
+        result.outputs = {k: v.value for k, v in up.outputs.items()}
+    except auto.ConcurrentUpdateError:
+        result.action, result.message = "skipped", "stack is locked by another update; skipped this tick"
+    except auto.CommandError as exc:
+        result.operations += 1
+        result.action = "failed"
+        text = str(exc)
+        result.message = _engine_message(text)
+        try:
+            result.outputs = {k: v.value for k, v in stack.outputs().items()}  # type: ignore[possibly-undefined]
+        except Exception:  # noqa: BLE001 - outputs are best effort after a failure
+            result.outputs = None
+    except Exception as exc:  # noqa: BLE001 - a worker reports, it does not crash the runner
+        result.action, result.message = "failed", f"{type(exc).__name__}: {exc}"
+        result.endpoint_errors["*"] = traceback.format_exc(limit=3)
+    for name, texts in diags.items():
+        result.endpoint_errors[name] = "; ".join(t for t in texts if t) or "the engine reported a failure"
+    result.failed = len(result.endpoint_errors)
+    if messages:
+        result.message = "; ".join(messages + ([result.message] if result.message else []))
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _engine_message(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if "error:" in ln]
+    return (lines[-1] if lines else text.strip().splitlines()[-1] if text.strip() else "pulumi failed")[:500]
+
+
+# ---- status write-back ---------------------------------------------------------------------------------
+
+
+def _desired_replicas(ep: Endpoint) -> int:
+    if ep.desired_state == "stopped":
+        return 0
+    base = ep.spec.autoscaling.min_replicas if ep.spec.autoscaling.enabled else ep.spec.replicas
+    return base + (ep.spec.canary.replicas if ep.spec.canary else 0)
+
+
+def status_updates(plan: Plan, result: StackResult, validated: Validated, items: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Endpoint -> new region status for this stack's region, only where it differs (pure)."""
+    region = plan.region
+    now = utcnow()
+    updates: dict[str, dict[str, Any]] = {}
+    succeeded = result.action in ("full", "targeted", "none")
+    touched = set(plan.touched) if not plan.full else set(plan.desired) | set(plan.removed)
+
+    def put(name: str, state: str, error: str | None, desired: int | None) -> None:
+        item = items.get(name)
+        if item is None:
+            return
+        stored = dict((item.get("region_status") or {}).get(region) or {})
+        new = dict(stored)
+        new["state"] = state
+        if desired is not None:
+            new["replicas_desired"] = desired
+        new.setdefault("replicas_ready", 0)
+        if error:
+            new["error"] = error[:1000]
+        else:
+            new.pop("error", None)
+        if {k: new.get(k) for k in ("state", "error", "replicas_desired")} == {k: stored.get(k) for k in ("state", "error", "replicas_desired")}:
+            return
+        new["last_sync"] = now
+        updates[name] = new
+
+    for name, errors in plan.invalid.items():
+        put(name, "error", "; ".join(errors), None)
+    if plan.refused:
+        for name in plan.removed:
+            put(name, "error", plan.refused, None)
+        return updates
+    for name, error in result.endpoint_errors.items():
+        if name in validated.endpoints:
+            put(name, "error", error, None)
+    if result.action == "failed" and not result.endpoint_errors:
+        for name in touched:
+            if name in validated.endpoints:
+                put(name, "error", result.message or "the update failed", None)
+        return updates
+    if not succeeded and result.action != "failed":
+        return updates
+    for name, ep in validated.endpoints.items():
+        if name in result.endpoint_errors:
+            continue
+        stored_state = ((items.get(name) or {}).get("region_status") or {}).get(region, {}).get("state")
+        if name in plan.desired:
+            if name not in touched and stored_state not in (None, "pending", "error", "deleting", "deleted"):
+                continue
+            if ep.desired_state == "stopped":
+                state = "stopped"
+            elif name in plan.created or stored_state in (None, "pending", "deleted", "deleting"):
+                state = "creating"
+            else:
+                state = "updating" if name in touched else stored_state or "creating"
+            if stored_state == "error" and name not in touched:
+                state = "updating"
+            put(name, state, None, _desired_replicas(ep))
+        elif (name in plan.removed and result.action != "failed") or (
+                stored_state not in (None, "deleted") and (ep.desired_state == "deleted" or not ep.targets(region))):
+            put(name, "deleted", None, 0)
+    return updates
+
+
+def write_statuses(store: EndpointStore, region: str, updates: Mapping[str, Mapping[str, Any]],
+                   items: Mapping[str, Mapping[str, Any]]) -> int:
+    writes = 0
+    for name, status in updates.items():
+        stored = ((items.get(name) or {}).get("region_status") or {}).get(region)
+        if store.write_region_status(name, region, status, expected=stored):
+            writes += 1
+    return writes
+
+
+# ---- the runner ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StackState:
+    settings: StackSettings
+    outputs: dict[str, Any] | None = None
+    outputs_loaded: bool = False
+    last_full: float = 0.0
+
+
+class Runner:
+    def __init__(self, stacks: list[StackSettings], store: EndpointStore, env: Mapping[str, str],
+                 opts: RunnerOptions = RunnerOptions(), progress: Callable[[str], None] = lambda s: None) -> None:
+        self.states = {s.stack: StackState(settings=s) for s in stacks}
+        self.store = store
+        self.env = dict(env)
+        self.opts = opts
+        self.progress = progress
+        self.operations = 0
+        self._pool: ProcessPoolExecutor | None = None
+
+    def close(self) -> None:
+        if self._pool:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _load_outputs(self, state: StackState) -> None:
+        """The stack's outputs, read once; later ticks use what the last operation returned."""
+        if state.outputs_loaded:
+            return
+        from pulumi import automation as auto
+
+        try:
+            os.environ.update(self.env)
+            ws = auto.LocalWorkspace(work_dir=str(PROJECT_ROOT), env_vars=self.env)
+            stacks = {s.name for s in ws.list_stacks()}
+            if state.settings.stack in stacks:
+                outputs = ws.stack_outputs(state.settings.stack)
+                state.outputs = {k: v.value for k, v in outputs.items()}
+            state.outputs_loaded = True
+        except auto.CommandError as exc:
+            raise ProgramError(f"reading outputs of stack {state.settings.stack} failed: {exc}") from exc
+
+    def tick(self, *, force_full: bool = False) -> list[StackResult]:
+        """One pass over all stacks. StoreError propagates before any Pulumi operation."""
+        items = self.store.list_endpoints()
+        by_name = {i.get("endpoint_name"): i for i in items if isinstance(i, Mapping)}
+        now = time.monotonic()
+        results: list[StackResult] = []
+        work: list[tuple[StackState, Plan, Validated, list[str] | None]] = []
+        for state in self.states.values():
+            self._load_outputs(state)
+            validated = validate_all(items, allowed_namespaces=state.settings.allowed_namespaces)
+            full_due = force_full or (now - state.last_full >= self.opts.full_every if state.last_full else True)
+            plan = plan_stack(state.settings, validated, state.outputs, full_due=full_due, opts=self.opts)
+            if plan.refused:
+                res = StackResult(stack=plan.stack, region=plan.region, action="refused", message=plan.refused)
+                res.status_writes = write_statuses(self.store, plan.region, status_updates(plan, res, validated, by_name), by_name)
+                results.append(res)
+                continue
+            if not plan.needs_operation:
+                res = StackResult(stack=plan.stack, region=plan.region)
+                res.status_writes = write_statuses(self.store, plan.region, status_updates(plan, res, validated, by_name), by_name)
+                results.append(res)
+                continue
+            targets = None if plan.full else targets_for(plan, validated, state.settings, state.outputs)
+            self.progress(f"{plan.stack}: {'full up --refresh (' + plan.reason + ')' if plan.full else 'targeted up of ' + ', '.join(plan.touched)}")
+            work.append((state, plan, validated, targets))
+
+        for (state, plan, validated, _), res in zip(work, self._run(work, items)):
+            self.operations += res.operations
+            res.changed = len(plan.touched)
+            if res.outputs is not None:
+                state.outputs = res.outputs
+            if res.action == "full":
+                state.last_full = now
+            if res.action == "skipped":
+                results.append(res)
+                continue
+            res.status_writes = write_statuses(self.store, plan.region, status_updates(plan, res, validated, by_name), by_name)
+            results.append(res)
+        return results
+
+    def _run(self, work, items) -> list[StackResult]:
+        args = [(state.settings, items, plan, state.outputs, self.env, self.opts, targets)
+                for state, plan, _, targets in work]
+        if self.opts.parallel <= 1 or len(args) <= 1:
+            return [operate(*a) for a in args]
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=self.opts.parallel, mp_context=get_context("spawn"))
+        return list(self._pool.map(operate, *zip(*args)))
+
+
+def with_local_overrides(settings: StackSettings, kubeconfig: str | None, dynamodb: str | None, table: str | None) -> StackSettings:
+    store = settings.store
+    if dynamodb:
+        store = replace(store, endpoint_url=dynamodb)
+    if table:
+        store = replace(store, table=table)
+    return replace(settings, kubeconfig=kubeconfig or settings.kubeconfig, store=store)
+
+
+def exit_code(results: list[StackResult]) -> int:
+    actions = {r.action for r in results}
+    if "failed" in actions or any(r.failed for r in results):
+        return EXIT_FAILED
+    if "refused" in actions:
+        return EXIT_REFUSED
+    if "skipped" in actions:
+        return EXIT_LOCKED
+    return EXIT_OK
+
+
+__all__ = ["Runner", "RunnerOptions", "StackResult", "Plan", "plan_stack", "status_updates", "exit_code",
+           "StoreError", "EXIT_OK", "EXIT_FAILED", "EXIT_CONFIG", "EXIT_STORE", "EXIT_REFUSED", "EXIT_LOCKED"]
