@@ -233,9 +233,10 @@ def build_runner(stacks: list[str], opts: Any, progress):
         settings = [with_local_overrides(s, str(env_obj.kubeconfig(s.region)), env_obj.dynamodb_endpoint, env_obj.table)
                     for s in settings]
         env = env_obj.pulumi_env()
+        store = env_obj.store()
     else:
         env = {k: v for k, v in os.environ.items() if k.startswith(("PULUMI_", "AWS_", "GCO_", "PATH", "HOME"))}
-    store = EndpointStore(settings[0].store)
+        store = EndpointStore(settings[0].store)
     return Runner(settings, store, env, opts, progress=progress)
 
 

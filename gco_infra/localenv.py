@@ -7,6 +7,7 @@ tokens) lives in a state dir; ``up`` is idempotent and ``down`` leaves no proces
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -64,13 +65,22 @@ def _wait(check: Callable[[], bool], what: str, timeout: float, proc_pid: int | 
     while time.monotonic() < deadline:
         if check():
             return
-        if proc_pid is not None and not Path(f"/proc/{proc_pid}").exists():
+        if proc_pid is not None and _exited(proc_pid):
             break
         time.sleep(0.25)
     tail = ""
     if log and log.exists():
         tail = "\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:])
     raise LocalEnvError(f"{what} did not become ready within {timeout:.0f}s{tail}")
+
+
+def _exited(pid: int) -> bool:
+    """True once our child has exited (reaping it, so it does not linger as a zombie)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == pid
+    except ChildProcessError:  # not our child: fall back to /proc
+        return not Path(f"/proc/{pid}").exists()
 
 
 def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> int:
@@ -175,7 +185,11 @@ class LocalEnv:
         return f"file://{self.path / 'backend'}"
 
     def store(self) -> EndpointStore:
-        return EndpointStore(StoreConfig(table=self.table, region="us-east-1", endpoint_url=self.dynamodb_endpoint))
+        import boto3
+
+        session = boto3.session.Session(aws_access_key_id="local", aws_secret_access_key="local", region_name="us-east-1")
+        return EndpointStore(StoreConfig(table=self.table, region="us-east-1", endpoint_url=self.dynamodb_endpoint),
+                             session=session)
 
     def pulumi_env(self) -> dict[str, str]:
         """Environment for the Pulumi CLI and Automation API against this environment."""
@@ -193,14 +207,13 @@ class LocalEnv:
 
     # ---- status ----------------------------------------------------------------------------------------
     def status(self) -> dict[str, bool]:
-        ctx = _insecure()
         result = {
             "etcd": _alive(self.etcd_pid, "etcd") and _http_ok(f"http://127.0.0.1:{self.etcd_port}/health"),
             "dynamodb": _alive(self.moto_pid, "moto_server") and _http_ok(f"{self.dynamodb_endpoint}/moto-api/"),
         }
         for region, api in self.apiservers.items():
-            result[f"apiserver {region}"] = _alive(api.pid, "kube-apiserver") and _http_ok(
-                f"{api.url}/readyz", self.admin_token, ctx)
+            result[f"apiserver {region}"] = _alive(api.pid, "kube-apiserver") and self.ca_file(region).exists() and _http_ok(
+                f"{api.url}/readyz", self.admin_token, ssl.create_default_context(cafile=str(self.ca_file(region))))
         return result
 
     # ---- up / down ---------------------------------------------------------------------------------------
@@ -267,13 +280,16 @@ class LocalEnv:
                 "--token-auth-file", str(self.path / "tokens.csv"),
                 "--authorization-mode", "RBAC",
                 "--disable-admission-plugins", "ServiceAccount",
+                "--endpoint-reconciler-type", "none",
                 "--enable-priority-and-fairness=false",
                 "--v", "0",
             ], log)
             self.apiservers[region] = api
             self.save()
-            ctx = _insecure()
-            _wait(lambda: _http_ok(f"{api.url}/readyz", self.admin_token, ctx), f"kube-apiserver {region}", 120, api.pid, log)
+            ca = self.ca_file(region)
+            _wait(lambda: ca.exists() and _http_ok(f"{api.url}/readyz", self.admin_token,
+                                                   ssl.create_default_context(cafile=str(ca))),
+                  f"kube-apiserver {region}", 120, api.pid, log)
             self._write_kubeconfig(api)
         self.save()
         for region in regions:
@@ -299,13 +315,18 @@ class LocalEnv:
         name = f"gco-{api.region}"
         cfg = {
             "apiVersion": "v1", "kind": "Config", "current-context": name,
-            "clusters": [{"name": name, "cluster": {"server": api.url, "insecure-skip-tls-verify": True}}],
+            # The apiserver's generated certificate bundle ends with its own CA: verify against it.
+            "clusters": [{"name": name, "cluster": {"server": api.url, "certificate-authority-data": base64.b64encode(
+                self.ca_file(api.region).read_bytes()).decode()}}],
             "contexts": [{"name": name, "context": {"cluster": name, "user": "gco-admin"}}],
             "users": [{"name": "gco-admin", "user": {"token": self.admin_token}}],
         }
         path = self.kubeconfig(api.region)
         path.write_text(json.dumps(cfg, indent=2))
         path.chmod(0o600)
+
+    def ca_file(self, region: str) -> Path:
+        return self.path / f"certs-{region}" / "apiserver.crt"
 
     def kube(self, region: str):
         """A kubernetes.client ApiClient for one local region."""
@@ -337,10 +358,3 @@ class LocalEnv:
             shutil.rmtree(self.path, ignore_errors=True)
         else:
             self.save()
-
-
-def _insecure() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx

@@ -1,0 +1,122 @@
+"""End-to-end fixtures: the real Pulumi engine, Kubernetes provider, etcd + kube-apiserver, moto server."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+
+import pytest
+from kubernetes import client
+
+from gco_infra import localenv
+from gco_infra.program import settings_from_stack_file
+from gco_infra.runner import Runner, RunnerOptions, with_local_overrides
+
+REQUIRED = ("pulumi", "pulumi-resource-kubernetes", "etcd", "kube-apiserver")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    missing = [b for b in REQUIRED if not (localenv.tools_bin() / b).exists()]
+    if missing:
+        pytest.fail(f"real parts missing from {localenv.tools_bin()}: {', '.join(missing)}; "
+                    "build them with scripts/tools build (scripts/test does this)", pytrace=False)
+    state = tmp_path_factory.mktemp("local-env")
+    e = localenv.LocalEnv.load(state)
+    try:
+        e.up()
+    except localenv.LocalEnvError as exc:
+        e.down()
+        pytest.fail(f"the local environment did not start: {exc}", pytrace=False)
+    yield e
+    e.down()
+    assert not any(e.status().values()), "local environment left processes behind"
+    shutil.rmtree(state, ignore_errors=True)
+
+
+def make_runner(env, stacks=("local", "local-2"), **opts) -> Runner:
+    settings = [with_local_overrides(settings_from_stack_file(s), str(env.kubeconfig(settings_from_stack_file(s).region)),
+                                     env.dynamodb_endpoint, env.table) for s in stacks]
+    return Runner(settings, env.store(), env.pulumi_env(), RunnerOptions(**opts))
+
+
+@pytest.fixture(scope="session")
+def runner(env):
+    r = make_runner(env)
+    yield r
+    r.close()
+
+
+class Kube:
+    """Reads objects back from one region's apiserver."""
+
+    def __init__(self, env, region):
+        api = env.kube(region)
+        self.apps = client.AppsV1Api(api)
+        self.core = client.CoreV1Api(api)
+        self.net = client.NetworkingV1Api(api)
+        self.hpa = client.AutoscalingV2Api(api)
+
+    def _get(self, fn, name, ns):
+        try:
+            return fn(name, ns)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def deployment(self, name, ns="gco-inference"):
+        return self._get(self.apps.read_namespaced_deployment, name, ns)
+
+    def service(self, name, ns="gco-inference"):
+        return self._get(self.core.read_namespaced_service, name, ns)
+
+    def ingress(self, name, ns="gco-inference"):
+        return self._get(self.net.read_namespaced_ingress, name, ns)
+
+    def autoscaler(self, name, ns="gco-inference"):
+        return self._get(self.hpa.read_namespaced_horizontal_pod_autoscaler, name, ns)
+
+    def names(self, label="gco.io/type=inference"):
+        out = set()
+        for d in self.apps.list_deployment_for_all_namespaces(label_selector=label).items:
+            out.add(("Deployment", d.metadata.name))
+        for s in self.core.list_service_for_all_namespaces(label_selector=label).items:
+            out.add(("Service", s.metadata.name))
+        for i in self.net.list_ingress_for_all_namespaces(label_selector=label).items:
+            out.add(("Ingress", i.metadata.name))
+        for h in self.hpa.list_horizontal_pod_autoscaler_for_all_namespaces(label_selector=label).items:
+            out.add(("HPA", h.metadata.name))
+        return out
+
+    def of(self, endpoint):
+        return {(k, n) for k, n in self.names(f"app={endpoint}")}
+
+
+@pytest.fixture(scope="session")
+def kube1(env):
+    return Kube(env, "local-1")
+
+
+@pytest.fixture(scope="session")
+def kube2(env):
+    return Kube(env, "local-2")
+
+
+@pytest.fixture
+def tick(runner):
+    def run(**kw):
+        results = runner.tick(**kw)
+        for r in results:
+            assert r.action not in ("failed", "refused", "skipped"), r.summary() + f" {r.endpoint_errors}"
+        return results
+    return run
+
+
+__all__ = ["Kube", "make_runner", "replace"]
