@@ -18,6 +18,7 @@ from .endpoint import Endpoint
 DECLARATION_VERSION = "1"
 
 SKIP_AWAIT = {"pulumi.com/skipAwait": "true"}
+DELETION_POLICY = "pulumi.com/deletionPropagationPolicy"
 ALB = "alb.ingress.kubernetes.io/"
 
 # Object roles, in the order they are declared.
@@ -65,11 +66,11 @@ def _meta(ep: Endpoint, name: str, settings: ClusterSettings, *, track: str | No
     meta: dict[str, Any] = {"name": name, "namespace": ep.namespace, "labels": labels(ep.name)}
     if track:
         meta["labels"]["gco.io/track"] = track
-    notes = dict(annotations or {})
+    # Background deletion, as kubectl does: deletes never wait on the garbage collector.
+    notes = {DELETION_POLICY: "background", **(annotations or {})}
     if skip_await or settings.skip_await_all:
         notes.update(SKIP_AWAIT)
-    if notes:
-        meta["annotations"] = notes
+    meta["annotations"] = notes
     return meta
 
 

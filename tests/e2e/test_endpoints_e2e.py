@@ -9,10 +9,10 @@ from gco_infra.store import EndpointStore, StoreConfig, StoreError
 from .conftest import Kube, make_runner
 
 
-def put(env, name, state="running", regions=("local-1",), **spec):
+def put(local, name, state="running", regions=("local-1",), **spec):
     item = {"endpoint_name": name, "desired_state": state, "target_regions": list(regions),
             "spec": {"image": "example.com/org/server:1", "gpu_count": 0, **spec}}
-    env.store().put_desired(item)
+    local.store().put_desired(item)
     return item
 
 

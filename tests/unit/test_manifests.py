@@ -35,9 +35,10 @@ def test_plain_endpoint_objects_and_labels():
         assert {"app": "llama3", "project": "gco", "gco.io/type": "inference"}.items() <= obj["metadata"]["labels"].items()
         assert obj["metadata"]["namespace"] == "gco-inference"
     d = o[m.DEPLOYMENT]
-    assert d["metadata"]["annotations"] == {"pulumi.com/skipAwait": "true"}
+    assert d["metadata"]["annotations"] == {"pulumi.com/skipAwait": "true", m.DELETION_POLICY: "background"}
+    assert all(x["metadata"]["annotations"][m.DELETION_POLICY] == "background" for x in o.values())
     assert d["spec"]["replicas"] == 1
-    assert "annotations" not in o[m.SERVICE]["metadata"] or "pulumi.com/skipAwait" not in o[m.SERVICE]["metadata"]["annotations"]
+    assert "pulumi.com/skipAwait" not in o[m.SERVICE]["metadata"]["annotations"]
     ing = o[m.INGRESS]
     assert ing["metadata"]["name"] == "inference-llama3"
     assert ing["metadata"]["annotations"][m.ALB + "healthcheck-path"] == "/health"
