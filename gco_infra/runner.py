@@ -403,16 +403,34 @@ class Runner:
             return
         from pulumi import automation as auto
 
-        try:
-            os.environ.update(self.env)
-            ws = auto.LocalWorkspace(work_dir=str(PROJECT_ROOT), env_vars=self.env)
-            stacks = {s.name for s in ws.list_stacks()}
-            if state.settings.stack in stacks:
-                outputs = ws.stack_outputs(state.settings.stack)
-                state.outputs = {k: v.value for k, v in outputs.items()}
-            state.outputs_loaded = True
-        except auto.CommandError as exc:
-            raise ProgramError(f"reading outputs of stack {state.settings.stack} failed: {exc}") from exc
+        os.environ.update(self.env)
+        ws = auto.LocalWorkspace(work_dir=str(PROJECT_ROOT), env_vars=self.env)
+        last: Exception | None = None
+        for attempt in range(4):  # a checkpoint being rewritten by another update reads as EOF
+            try:
+                if state.settings.stack in {s.name for s in ws.list_stacks()}:
+                    state.outputs = {k: v.value for k, v in ws.stack_outputs(state.settings.stack).items()}
+                state.outputs_loaded = True
+                return
+            except auto.CommandError as exc:
+                last = exc
+                time.sleep(0.5 * (attempt + 1))
+        raise ProgramError(f"reading outputs of stack {state.settings.stack} failed: {_engine_message(str(last))}")
+
+    def _locked_by_other(self, stack: str) -> bool:
+        """A live lock on a file backend: skip before reading a checkpoint that is being rewritten."""
+        url = self.env.get("PULUMI_BACKEND_URL", "")
+        if not url.startswith("file://"):
+            return False
+        locks = Path(url[len("file://"):]) / ".pulumi" / "locks"
+        now = time.time()
+        for lock in locks.glob(f"**/{PROJECT}/{stack}/*.json"):
+            try:
+                if now - lock.stat().st_mtime < self.opts.stale_lock_seconds:
+                    return True
+            except OSError:
+                continue
+        return False
 
     def tick(self, *, force_full: bool = False) -> list[StackResult]:
         """One pass over all stacks. StoreError propagates before any Pulumi operation."""
@@ -422,7 +440,16 @@ class Runner:
         results: list[StackResult] = []
         work: list[tuple[StackState, Plan, Validated, list[str] | None]] = []
         for state in self.states.values():
-            self._load_outputs(state)
+            if self._locked_by_other(state.settings.stack):
+                results.append(StackResult(stack=state.settings.stack, region=state.settings.region, action="skipped",
+                                           message="stack is locked by another update; skipped this tick"))
+                continue
+            try:
+                self._load_outputs(state)
+            except ProgramError as exc:
+                results.append(StackResult(stack=state.settings.stack, region=state.settings.region, action="failed",
+                                           message=str(exc)))
+                continue
             validated = validate_all(items, allowed_namespaces=state.settings.allowed_namespaces)
             full_due = force_full or (now - state.last_full >= self.opts.full_every if state.last_full else True)
             plan = plan_stack(state.settings, validated, state.outputs, full_due=full_due, opts=self.opts)

@@ -1,0 +1,185 @@
+"""The runner end to end: fingerprint skips, targeted updates, safety, locks and crash recovery."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from gco_infra.localenv import free_port, start_moto, stop_pid
+from gco_infra.runner import EXIT_LOCKED
+from gco_infra.store import EndpointStore, StoreConfig, StoreError
+
+from .conftest import Kube, make_runner
+from .test_endpoints_e2e import put, status
+
+
+def test_single_change_among_many_touches_only_that_endpoint(env, tick, runner, kube1):
+    names = [f"many-{i}" for i in range(12)]
+    for n in names:
+        put(env, n)
+    tick()
+    versions = {n: kube1.deployment(n).metadata.resource_version for n in names}
+    ops = runner.operations
+    put(env, "many-5", env={"CHANGED": "yes"})
+    results = tick()
+    assert runner.operations - ops == 1
+    r1 = next(r for r in results if r.region == "local-1")
+    assert (r1.action, r1.changed, r1.updated) == ("targeted", 1, 1)
+    after = {n: kube1.deployment(n).metadata.resource_version for n in names}
+    assert [n for n in names if after[n] != versions[n]] == ["many-5"]
+    assert {e.name: e.value for e in kube1.deployment("many-5").spec.template.spec.containers[0].env} == {"CHANGED": "yes"}
+
+
+def test_mass_deletion_refused_then_allowed(env, tick, runner, kube1):
+    doomed = [f"mass-{i}" for i in range(4)]
+    for n in doomed:
+        put(env, n)
+    tick()
+    for n in doomed:
+        put(env, n, state="deleted")
+    results = runner.tick()
+    r1 = next(r for r in results if r.region == "local-1")
+    assert r1.action == "refused" and "refusing to remove 4 endpoints" in r1.message
+    assert all(kube1.deployment(n) is not None for n in doomed)
+    assert status(env, "mass-0")["state"] == "error" and "--allow-mass-delete" in status(env, "mass-0")["error"]
+    permissive = make_runner(env, stacks=("local",), allow_mass_delete=True)
+    try:
+        res = permissive.tick()
+    finally:
+        permissive.close()
+    assert res[0].action in ("targeted", "full") and res[0].deleted >= 4
+    assert all(kube1.of(n) == set() for n in doomed)
+    assert status(env, "mass-0")["state"] == "deleted"
+    runner.states["local"].outputs_loaded = False  # the session runner re-reads what the other runner applied
+    runner.states["local"].outputs = None
+
+
+def test_failing_endpoint_gets_error_while_others_get_states(env, tick, runner, kube1):
+    api = env.kube("local-1")
+    adm = client.AdmissionregistrationV1Api(api)
+    policy = client.V1ValidatingAdmissionPolicy(
+        metadata=client.V1ObjectMeta(name="deny-rejected"),
+        spec=client.V1ValidatingAdmissionPolicySpec(
+            failure_policy="Fail",
+            match_constraints=client.V1MatchResources(resource_rules=[client.V1NamedRuleWithOperations(
+                api_groups=["apps"], api_versions=["v1"], operations=["CREATE", "UPDATE"], resources=["deployments"])]),
+            validations=[client.V1Validation(expression="!object.metadata.name.startsWith('rejected')",
+                                             message="deployments named rejected* are not allowed here")]))
+    binding = client.V1ValidatingAdmissionPolicyBinding(
+        metadata=client.V1ObjectMeta(name="deny-rejected"),
+        spec=client.V1ValidatingAdmissionPolicyBindingSpec(policy_name="deny-rejected", validation_actions=["Deny"]))
+    adm.create_validating_admission_policy(policy)
+    adm.create_validating_admission_policy_binding(binding)
+    try:
+        time.sleep(2)  # the policy plugin picks up new policies asynchronously
+        put(env, "rejected-one")
+        put(env, "accepted-one")
+        results = runner.tick()
+        r1 = next(r for r in results if r.region == "local-1")
+        assert "rejected-one" in r1.endpoint_errors, r1.summary()
+        bad = status(env, "rejected-one")
+        assert bad["state"] == "error" and "not allowed here" in bad["error"]
+        assert kube1.deployment("accepted-one") is not None
+        assert status(env, "accepted-one")["state"] == "creating"
+    finally:
+        adm.delete_validating_admission_policy_binding("deny-rejected")
+        adm.delete_validating_admission_policy("deny-rejected")
+        put(env, "rejected-one", state="deleted")
+        time.sleep(2)
+        runner.tick(force_full=True)
+
+
+def test_table_unreachable_mid_read_changes_nothing(env, tick, runner, kube1, tmp_path):
+    """A scan that dies between pages is an error, never a shorter list: no Pulumi operation runs."""
+    put(env, "survivor")
+    tick()
+    before = kube1.names()
+    port = free_port()
+    pid = start_moto(port, tmp_path / "moto.log")
+    try:
+        import boto3
+
+        session = boto3.session.Session(aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1")
+        store = EndpointStore(StoreConfig(table="big", region="us-east-1", endpoint_url=f"http://127.0.0.1:{port}"), session=session)
+        store.create_table()
+        # The same endpoints, padded past one scan page: a partial read would look like mass deletion.
+        with store._table.batch_writer() as w:
+            for i in range(150):
+                w.put_item(Item={"endpoint_name": f"pad-{i}", "desired_state": "deleted", "target_regions": [],
+                                 "spec": {"image": "a/b:1", "env": {"PAD": "x" * 9000}}})
+        store._table.meta.client.meta.events.register(
+            "after-call.dynamodb.Scan", lambda **kw: stop_pid(pid, "moto_server", timeout=5))
+        broken = make_runner(env, stacks=("local",))
+        broken.store = store
+        try:
+            with pytest.raises(StoreError):
+                broken.tick()
+            assert broken.operations == 0
+        finally:
+            broken.close()
+    finally:
+        stop_pid(pid, "moto_server")
+    assert kube1.names() == before
+
+
+def _cli(env, *args, **kw):
+    e = dict(os.environ, GCO_STATE_DIR=str(env.path), PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "gco_infra.cli", "--json-logs", *args], env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+def _lock_files(env, stack):
+    return list((env.path / "backend" / ".pulumi" / "locks").glob(f"**/gco-infra/{stack}/*.json"))
+
+
+def test_two_runners_at_once_one_skips(env, tick, runner, kube1):
+    for i in range(25):
+        put(env, f"busy-{i}", env={"ROUND": "1"})
+    first = _cli(env, "run", "--once", "--stack", "local")
+    deadline = time.monotonic() + 60
+    while not _lock_files(env, "local") and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    assert _lock_files(env, "local"), "the first runner never took the stack lock"
+    second = _cli(env, "run", "--once", "--stack", "local")
+    out2, _ = second.communicate(timeout=120)
+    out1, _ = first.communicate(timeout=300)
+    assert second.returncode == EXIT_LOCKED, out2
+    assert "locked by another update" in out2
+    assert first.returncode == 0, out1
+    runner.states["local"].outputs_loaded = False
+    results = tick()  # nothing corrupted: the session runner converges with no error
+    assert all(kube1.deployment(f"busy-{i}") is not None for i in range(25))
+    assert next(r for r in results if r.region == "local-1").action in ("none", "targeted", "full")
+
+
+def test_runner_killed_during_up_recovers_and_converges(env, runner, kube1):
+    for i in range(40):
+        put(env, f"crash-{i}", env={"ROUND": "1"})
+    victim = _cli(env, "run", "--once", "--stack", "local", "--full")
+    deadline = time.monotonic() + 60
+    while not _lock_files(env, "local") and time.monotonic() < deadline and victim.poll() is None:
+        time.sleep(0.02)
+    time.sleep(1.0)  # inside the update
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=30)
+    recovering = make_runner(env, stacks=("local",), stale_lock_seconds=0)
+    try:
+        results = recovering.tick()
+        if results[0].action == "skipped":  # the lock's process may not have been reaped yet
+            time.sleep(1)
+            results = recovering.tick()
+        assert results[0].action in ("full", "targeted", "none"), results[0].summary()
+        again = recovering.tick(force_full=True)
+        assert again[0].action == "full" and not again[0].failed, again[0].summary()
+    finally:
+        recovering.close()
+    assert not _lock_files(env, "local")
+    assert all(kube1.deployment(f"crash-{i}") is not None for i in range(40))
+    runner.states["local"].outputs_loaded = False
