@@ -298,6 +298,76 @@ def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float,
     sys.exit(code if once else 0)
 
 
+# ---- health job -----------------------------------------------------------------------------------------------------
+
+
+def known_regions(root: Path = PROJECT_ROOT) -> list[str]:
+    """The platform's region list: the regions of every stack file."""
+    regions = []
+    for f in sorted((root / "stacks").glob("Pulumi.*.yaml")):
+        try:
+            regions.append(settings_from_stack_file(f.name[len("Pulumi."):-len(".yaml")]).region)
+        except ProgramError:
+            continue
+    return regions
+
+
+@main.command("health")
+@click.option("--stack", required=True, help="The regional stack whose cluster this job watches (region, namespaces, table).")
+@click.option("--once", is_flag=True, help="One tick, then exit (0 ok, 1 error, 75 not the leader).")
+@click.option("--interval", type=float, default=15.0, show_default=True, help="Seconds between ticks.")
+@click.option("--threshold", type=float, default=300.0, show_default=True, envvar="GCO_UNREADY_THRESHOLD",
+              help="Seconds with zero ready replicas before the endpoint's Ingress is withdrawn from the shared ALB.")
+@click.option("--lease-namespace", default="gco-system", show_default=True, help="Namespace of the leader-election Lease.")
+@click.option("--lease-seconds", type=int, default=30, show_default=True, help="Lease duration.")
+@click.option("--renew-deadline", type=float, default=20.0, show_default=True, help="Stop acting this long after the last renewal (< lease).")
+@click.option("--no-leader-election", is_flag=True, help="Act without a Lease (only when exactly one replica runs).")
+@click.option("--in-cluster", is_flag=True, help="Use the pod's service account instead of a kubeconfig.")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None, help="Kubeconfig (default: the local environment's).")
+@click.option("--liveness-port", type=int, default=None, help="Serve /healthz here: 200 while ticks succeed.")
+def health(stack: str, once: bool, interval: float, threshold: float, lease_namespace: str, lease_seconds: int,
+           renew_deadline: float, no_leader_election: bool, in_cluster: bool, kubeconfig: str | None,
+           liveness_port: int | None) -> None:
+    """Readiness, the Ingress watchdog, promotion and purge for one regional cluster, written to the table."""
+    from kubernetes import client as kclient
+    from kubernetes import config as kconfig
+
+    from .health import HealthJob, LeaseElector, serve_liveness
+
+    try:
+        settings = settings_from_stack_file(stack)
+    except ProgramError as exc:
+        raise click.ClickException(str(exc)) from exc
+    store = EndpointStore(settings.store)
+    if in_cluster:
+        kconfig.load_incluster_config()
+        api = kclient.ApiClient()
+    else:
+        env = localenv.LocalEnv.load()
+        path = kubeconfig or settings.kubeconfig
+        if settings.kubeconfig and not kubeconfig and env.apiservers:
+            path = str(env.kubeconfig(settings.region))
+            store = env.store()
+        if not path:
+            raise click.ClickException(f"stack {stack}: no kubeconfig; pass --kubeconfig or --in-cluster")
+        api = kconfig.new_client_from_config(path)
+    elector = None if no_leader_election else LeaseElector(api, lease_namespace, lease_seconds=lease_seconds,
+                                                            renew_deadline=renew_deadline)
+    job = HealthJob(store, api, settings.region, settings.allowed_namespaces, threshold=threshold,
+                    known_regions=known_regions(), elector=elector)
+    if liveness_port:
+        serve_liveness(job, liveness_port, max_age=max(3 * interval, 60))
+    while True:
+        started = time.monotonic()
+        report = job.tick()
+        log.info("health", region=settings.region, leader=report.leader, endpoints=report.endpoints, writes=report.writes,
+                 withdrawn=report.withdrawn or None, readmitted=report.readmitted or None, promoted=report.promoted or None,
+                 purged=report.purged or None, api_calls=report.api_calls, error=report.error)
+        if once:
+            sys.exit(1 if report.error else 0 if report.leader else 75)
+        time.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
 # ---- the demo: the README's first command ------------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .endpoint import Endpoint
@@ -257,10 +257,20 @@ def desired_objects(ep: Endpoint, region: str, settings: ClusterSettings) -> dic
     return objects
 
 
-def fingerprint(objects: Mapping[str, Any], settings: ClusterSettings | None = None) -> str:
+def declaration(ep: Endpoint, region: str, settings: ClusterSettings) -> tuple[dict[str, dict[str, Any]], str]:
+    """The objects for an endpoint in a region and their fingerprint, as program and runner see them.
+
+    The fingerprint also covers the watchdog's ingress flag: an Ingress the health job deleted and
+    then re-admitted must be applied again even though the declared objects are the same as before.
+    """
+    objects = desired_objects(ep, region, settings)
+    return objects, fingerprint(objects, marker=ep.status_in(region).ingress or "")
+
+
+def fingerprint(objects: Mapping[str, Any], marker: str = "") -> str:
     """Stable digest of a declaration: equal fingerprints mean nothing to apply."""
-    payload = {"v": DECLARATION_VERSION, "objects": objects}
-    if settings is not None:
-        payload["settings"] = asdict(settings)
+    payload: dict[str, Any] = {"v": DECLARATION_VERSION, "objects": objects}
+    if marker:
+        payload["marker"] = marker
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -191,10 +191,9 @@ def declare(settings: StackSettings, items: list[Mapping[str, Any]],
     opts = pulumi.ResourceOptions(providers=[provider]) if provider else None
 
     def add(ep: Endpoint, state: str) -> None:
-        objects = m.desired_objects(ep, settings.region, settings.cluster)
+        objects, fp = m.declaration(ep, settings.region, settings.cluster)
         if not objects:
             return
-        fp = m.fingerprint(objects)
         result.endpoints[ep.name] = InferenceEndpoint(
             ep.name, InferenceEndpointArgs(objects=objects, fingerprint=fp, state=state), opts)
         result.outputs[ep.name] = {

@@ -99,9 +99,9 @@ class StackResult:
 def desired_for_region(validated: Validated, settings: StackSettings) -> dict[str, str]:
     out = {}
     for ep in validated.endpoints.values():
-        objects = m.desired_objects(ep, settings.region, settings.cluster)
+        objects, fp = m.declaration(ep, settings.region, settings.cluster)
         if objects:
-            out[ep.name] = m.fingerprint(objects)
+            out[ep.name] = fp
     return out
 
 
@@ -137,6 +137,16 @@ def plan_stack(settings: StackSettings, validated: Validated, outputs: Mapping[s
     return plan
 
 
+def exact_glob(urn: str) -> str:
+    """The URN as a glob that matches only itself: '*' (which is ``[^:]*``) where the name begins.
+
+    The engine requires literal targets to exist, and with ``--refresh`` it checks them against the
+    refreshed state; globs are exempt, so an object someone deleted out of band is no error.
+    """
+    head, sep, name = urn.rpartition("::")
+    return f"{head}*{sep}{name}"
+
+
 def stack_urn(stack: str) -> str:
     return f"urn:pulumi:{stack}::{PROJECT}::pulumi:pulumi:Stack::{PROJECT}-{stack}"
 
@@ -161,7 +171,7 @@ def targets_for(plan: Plan, validated: Validated, settings: StackSettings, outpu
             for role, obj in m.desired_objects(ep, settings.region, settings.cluster).items():
                 roles[role] = obj["metadata"]["name"]
         urns += endpoint_urns(plan.stack, name, roles)
-    return urns
+    return [exact_glob(u) for u in urns]
 
 
 def endpoint_of_object(objname: str) -> str:
@@ -252,7 +262,8 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
         if full:
             up = stack.up(refresh=True, **kwargs)
         else:
-            up = stack.up(target=targets, **kwargs)
+            # Refreshing just the targets sees what the health job or a person removed out of band.
+            up = stack.up(target=targets, refresh=True, **kwargs)
         result.operations += 1
         counts = up.summary.resource_changes or {}
         result.created, result.updated, result.deleted = counts.get("create", 0), counts.get("update", 0) + counts.get("replace", 0), counts.get("delete", 0)

@@ -6,6 +6,7 @@ from gco_infra import manifests as m
 from gco_infra.endpoint import validate_all
 from gco_infra.program import StackSettings
 from gco_infra.runner import (
+    exact_glob,
     Plan, RunnerOptions, StackResult, endpoint_of_object, exit_code, plan_stack, stack_urn, status_updates, targets_for,
 )
 
@@ -22,9 +23,9 @@ def outputs_for(items):
     v = validate_all(items)
     eps = {}
     for ep in v.endpoints.values():
-        objs = m.desired_objects(ep, S.region, S.cluster)
+        objs, fp = m.declaration(ep, S.region, S.cluster)
         if objs:
-            eps[ep.name] = {"fingerprint": m.fingerprint(objs),
+            eps[ep.name] = {"fingerprint": fp,
                             "objects": {r: f'{o["kind"]}/{o["metadata"]["name"]}' for r, o in objs.items()}}
     return {"endpoints": eps, "declarationVersion": m.DECLARATION_VERSION}
 
@@ -42,9 +43,9 @@ def test_one_change_among_many_is_targeted():
     plan = plan_stack(S, validate_all(items), out, full_due=False, opts=OPTS)
     assert plan.changed == ["e7"] and not plan.full
     urns = targets_for(plan, validate_all(items), S, out)
-    assert urns[0] == stack_urn("us-east-1")
-    assert "urn:pulumi:us-east-1::gco-infra::gco:inference:Endpoint::e7" in urns
-    assert "urn:pulumi:us-east-1::gco-infra::gco:inference:Endpoint$kubernetes:apps/v1:Deployment::e7" in urns
+    assert urns[0] == "urn:pulumi:us-east-1::gco-infra::pulumi:pulumi:Stack*::gco-infra-us-east-1"
+    assert "urn:pulumi:us-east-1::gco-infra::gco:inference:Endpoint*::e7" in urns
+    assert "urn:pulumi:us-east-1::gco-infra::gco:inference:Endpoint$kubernetes:apps/v1:Deployment*::e7" in urns
     assert not any("::e8" in u for u in urns)
 
 
@@ -60,7 +61,7 @@ def test_removal_targets_old_objects_including_canary():
     after = [item("a")]
     plan = plan_stack(S, validate_all(after), out, full_due=False, opts=OPTS)
     urns = targets_for(plan, validate_all(after), S, out)
-    assert any(u.endswith("Ingress::inference-a-canary") for u in urns)
+    assert any(u.endswith("Ingress*::inference-a-canary") for u in urns)
 
 
 def test_invalid_record_is_not_removed():
@@ -157,3 +158,27 @@ def test_exit_codes():
     assert exit_code([StackResult(stack="s", region="r", action="skipped")]) == 75
     assert exit_code([StackResult(stack="s", region="r", action="full", failed=1)]) == 1
     assert isinstance(Plan(stack="s", region="r", desired={}), Plan)
+
+
+def test_readmitted_ingress_is_applied_again_even_with_equal_objects():
+    withdrawn = item("a")
+    withdrawn["region_status"] = {"us-east-1": {"state": "running", "ingress": "withdrawn"}}
+    recovered = item("a")
+    recovered["region_status"] = {"us-east-1": {"state": "running", "ingress": "active"}}
+    # Health deleted the Ingress and the runner never ticked in between: objects equal, marker differs.
+    plan = plan_stack(S, validate_all([recovered]), outputs_for([item("a")]), full_due=False, opts=OPTS)
+    assert plan.changed == ["a"]
+    plan = plan_stack(S, validate_all([withdrawn]), outputs_for([item("a")]), full_due=False, opts=OPTS)
+    assert plan.changed == ["a"]
+
+
+def test_exact_glob_matches_only_its_urn():
+    import re
+
+    urn = "urn:pulumi:s::gco-infra::gco:inference:Endpoint$kubernetes:apps/v1:Deployment::e7"
+    glob = exact_glob(urn)
+    pattern = re.compile("^" + ".*".join("[^:]*".join(re.escape(p) for p in seg.split("*")) for seg in glob.split("**")) + "$")
+    assert pattern.match(urn)
+    assert not pattern.match(urn.replace("::e7", "::e77"))
+    assert not pattern.match(urn.replace("::e7", "::xe7"))
+    assert not pattern.match(urn.replace("Deployment", "Service"))
