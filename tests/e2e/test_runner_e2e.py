@@ -44,9 +44,12 @@ def test_mass_deletion_refused_then_allowed(env, tick, runner, kube1):
     tick()
     for n in doomed:
         put(env, n, state="deleted")
-    results = runner.tick()
-    r1 = next(r for r in results if r.region == "local-1")
-    assert r1.action == "refused" and "refusing to remove 4 endpoints" in r1.message
+    strict = make_runner(env, stacks=("local",), max_delete_fraction=0.0, max_delete_min=2)  # bound: 2
+    try:
+        r1 = strict.tick()[0]
+    finally:
+        strict.close()
+    assert r1.action == "refused" and "refusing to remove 4 endpoints" in r1.message and r1.operations == 0
     assert all(kube1.deployment(n) is not None for n in doomed)
     assert status(env, "mass-0")["state"] == "error" and "--allow-mass-delete" in status(env, "mass-0")["error"]
     permissive = make_runner(env, stacks=("local",), allow_mass_delete=True)

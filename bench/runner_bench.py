@@ -1,0 +1,97 @@
+"""Runner benchmark on the local environment: N endpoints in one region.
+
+For each N: first full apply, a no-change tick, a one-endpoint change until the live Deployment
+shows it, and a full reconcile with refresh. Records seconds, Pulumi operations and DynamoDB calls
+per tick. Run: .venv/bin/python bench/runner_bench.py [--sizes 100,500,1000] [--out bench/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kubernetes import client  # noqa: E402
+
+from gco_infra import localenv  # noqa: E402
+from gco_infra.program import settings_from_stack_file  # noqa: E402
+from gco_infra.runner import Runner, RunnerOptions, with_local_overrides  # noqa: E402
+
+
+def endpoint(i: int, env_value: str = "1") -> dict:
+    return {"endpoint_name": f"bench-{i:04d}", "desired_state": "running", "target_regions": ["local-1"],
+            "spec": {"image": "example.com/org/server:1", "gpu_count": 0, "env": {"V": env_value}}}
+
+
+def measure(n: int, progress) -> dict:
+    with tempfile.TemporaryDirectory(prefix="gco-bench-") as tmp:
+        env = localenv.LocalEnv.load(Path(tmp))
+        env.up(regions=("local-1",))
+        try:
+            store = env.store()
+            with store._table.batch_writer() as w:
+                for i in range(n):
+                    w.put_item(Item=endpoint(i))
+            s = settings_from_stack_file("local")
+            s = with_local_overrides(s, str(env.kubeconfig("local-1")), env.dynamodb_endpoint, env.table)
+            runner = Runner([s], store, env.pulumi_env(), RunnerOptions(full_every=10**9))
+            apps = client.AppsV1Api(env.kube("local-1"))
+            row: dict = {"n": n}
+
+            def tick(label: str, **kw):
+                ops, calls, t0 = runner.operations, store.calls, time.perf_counter()
+                res = runner.tick(**kw)[0]
+                row[label] = (time.perf_counter() - t0, runner.operations - ops, store.calls - calls, res.action)
+                progress(f"N={n} {label}: {row[label][0]:.2f}s, {row[label][1]} op(s), action {res.action}")
+                if res.action in ("failed", "refused"):
+                    raise RuntimeError(res.summary())
+
+            tick("first full apply")
+            tick("no-change tick")
+            target = f"bench-{n // 2:04d}"
+            store.put_desired(endpoint(n // 2, "2"))
+            t0 = time.perf_counter()
+            tick("one-endpoint change")
+            env_now = {e.name: e.value for e in apps.read_namespaced_deployment(target, "gco-inference").spec.template.spec.containers[0].env}
+            assert env_now == {"V": "2"}, env_now
+            live = time.perf_counter() - t0
+            row["one-endpoint change"] = (live,) + row["one-endpoint change"][1:]
+            tick("full reconcile (refresh)", force_full=True)
+            runner.close()
+            return row
+        finally:
+            env.down()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="100,500,1000")
+    ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
+    args = ap.parse_args()
+    rows = []
+    for n in (int(x) for x in args.sizes.split(",")):
+        rows.append(measure(n, lambda s: print(s, flush=True)))
+    labels = ["first full apply", "no-change tick", "one-endpoint change", "full reconcile (refresh)"]
+    lines = [
+        f"# Runner benchmark ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {localenv.os.cpu_count()} cores)",
+        "",
+        "One region (stack `local`), real engine + provider + kube-apiserver + moto. Each cell: seconds / Pulumi",
+        "operations / DynamoDB requests. 'one-endpoint change' is until the live Deployment shows the change.",
+        "",
+        "| N | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    for row in rows:
+        lines.append(f"| {row['n']} | " + " | ".join(f"{row[k][0]:.2f} s / {row[k][1]} / {row[k][2]}" for k in labels) + " |")
+    text = "\n".join(lines) + "\n"
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
