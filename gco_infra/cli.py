@@ -298,6 +298,51 @@ def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float,
     sys.exit(code if once else 0)
 
 
+# ---- previews --------------------------------------------------------------------------------------------------------
+
+
+@main.command("preview")
+@click.option("--stack", "stacks", multiple=True, help="Stack to preview (repeatable). Default: the local stacks.")
+@click.option("--markdown", is_flag=True, help="Markdown for a pull-request comment (summarised to fit one comment).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable changes per stack.")
+@click.option("--refresh", is_flag=True, help="Refresh each stack against its cluster first (shows drift too).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the report here instead of stdout.")
+def preview(stacks: tuple[str, ...], markdown: bool, as_json: bool, refresh: bool, output: Path | None) -> None:
+    """What applying the stacks would do to the running endpoints, per region, changing nothing.
+
+    Each change says whether the endpoint's table record changed since the last apply ("table") or
+    the declaration changed for the same record ("code", i.e. the checked-out revision).
+    Needs read access only: the state backend, the table and the clusters.
+    """
+    from rich.markdown import Markdown
+
+    from .preview import preview_stack, render_json, render_markdown
+
+    names = _stacks_for(stacks)
+    try:
+        from .runner import RunnerOptions
+
+        runner = build_runner(names, RunnerOptions(), progress=lambda s: None)
+    except ProgramError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        items = runner.store.list_endpoints()
+    except StoreError as exc:
+        raise click.ClickException(f"{exc}; no preview without a complete read of the table") from exc
+    previews = []
+    for state in runner.states.values():
+        console.print(f"[cyan]preview[/] {state.settings.stack} ({state.settings.region})")
+        previews.append(preview_stack(state.settings, items, runner.env, refresh=refresh))
+    text = render_json(previews) if as_json else render_markdown(previews)
+    if output:
+        output.write_text(text)
+    elif as_json or markdown:
+        click.echo(text, nl=False)
+    else:
+        out.print(Markdown(text))
+    sys.exit(1 if any(p.error for p in previews) else 0)
+
+
 # ---- health job -----------------------------------------------------------------------------------------------------
 
 

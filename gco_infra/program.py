@@ -185,7 +185,11 @@ class Declared:
 def declare(settings: StackSettings, items: list[Mapping[str, Any]],
             previous: Callable[[], Mapping[str, Mapping[str, Any]]],
             provider: pulumi.ProviderResource | None = None) -> Declared:
-    """Declare every endpoint of the table that targets this stack's region."""
+    """Declare every endpoint of the table that targets this stack's region.
+
+    Always all of them, also in the runner's targeted updates: the engine refuses a targeted update
+    in which an untargeted resource is no longer declared.
+    """
     validated = validate_all(items, allowed_namespaces=settings.allowed_namespaces)
     result = Declared()
     opts = pulumi.ResourceOptions(providers=[provider]) if provider else None

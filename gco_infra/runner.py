@@ -26,6 +26,8 @@ from .program import PROJECT_ROOT, ProgramError, StackSettings, previous_records
 from .store import EndpointStore, StoreError, utcnow
 
 PROJECT = "gco-infra"
+_STACKS: dict[tuple[str, str, str], Any] = {}
+"""Automation API stacks of this process, by name (workers are long-lived)."""
 
 # Exit codes of `gco-infra run --once`.
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STORE, EXIT_REFUSED, EXIT_LOCKED = 0, 1, 2, 3, 4, 75
@@ -243,6 +245,7 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
             diags.setdefault(endpoint_of_object(objname), [])
 
     previous = previous_records_from_outputs(outputs or {})
+    full = plan.full
 
     def pulumi_program() -> None:
         program.main(items=items, previous=lambda: previous, settings=settings)
@@ -250,15 +253,19 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
     try:
         os.environ.update(env)
         _recover_file_backend(plan.stack, env, opts.stale_lock_seconds, log)
-        stack = auto.create_or_select_stack(
-            stack_name=plan.stack, project_name=PROJECT, program=pulumi_program,
-            opts=auto.LocalWorkspaceOptions(work_dir=str(PROJECT_ROOT), env_vars=dict(env)))
-        full = plan.full
-        if _clear_pending(stack, plan.stack, log):
-            full = True
+        key = (plan.stack, env.get("PULUMI_BACKEND_URL", ""), env.get("PULUMI_HOME", ""))
+        stack = _STACKS.get(key)
+        if stack is None:
+            stack = _STACKS[key] = auto.create_or_select_stack(
+                stack_name=plan.stack, project_name=PROJECT, program=pulumi_program,
+                opts=auto.LocalWorkspaceOptions(work_dir=str(PROJECT_ROOT), env_vars=dict(env)))
+        # Pending operations only exist after an interrupted update; full reconciles (the first
+        # tick of a runner, and the tick after any failure) clear them.
+        if full and _clear_pending(stack, plan.stack, log):
             result.action = "full"
         kwargs: dict[str, Any] = dict(on_event=on_event, parallel=opts.pulumi_parallel, continue_on_error=True,
                                       suppress_progress=True, color="never")
+        kwargs["program"] = pulumi_program
         if full:
             up = stack.up(refresh=True, **kwargs)
         else:
@@ -312,7 +319,7 @@ def status_updates(plan: Plan, result: StackResult, validated: Validated, items:
     now = utcnow()
     updates: dict[str, dict[str, Any]] = {}
     succeeded = result.action in ("full", "targeted", "none")
-    touched = set(plan.touched) if not plan.full else set(plan.desired) | set(plan.removed)
+    touched = set(plan.touched)  # a full reconcile that changed nothing leaves statuses alone
 
     def put(name: str, state: str, error: str | None, desired: int | None) -> None:
         item = items.get(name)
@@ -485,6 +492,8 @@ class Runner:
                 state.outputs = res.outputs
             if res.action == "full":
                 state.last_full = now
+            if res.action == "failed":
+                state.last_full = 0.0  # the next tick is a full reconcile: it clears what a failure left
             if res.action == "skipped":
                 results.append(res)
                 continue

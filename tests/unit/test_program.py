@@ -184,3 +184,4 @@ def test_many_endpoints_each_get_own_components():
 def test_program_error_type_exported():
     assert issubclass(ProgramError, RuntimeError)
     assert json.loads(json.dumps(endpoint_to_item(parse_endpoint(item()).endpoint)))["endpoint_name"] == "llama3"
+

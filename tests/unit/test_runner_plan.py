@@ -182,3 +182,13 @@ def test_exact_glob_matches_only_its_urn():
     assert not pattern.match(urn.replace("::e7", "::e77"))
     assert not pattern.match(urn.replace("::e7", "::xe7"))
     assert not pattern.match(urn.replace("Deployment", "Service"))
+
+
+def test_full_reconcile_without_changes_writes_no_status():
+    items = [item("a"), item("b")]
+    for i in items:
+        i["region_status"] = {"us-east-1": {"state": "running", "replicas_ready": 1, "replicas_desired": 1}}
+    plan = plan_stack(S, validate_all(items), outputs_for(items), full_due=True, opts=OPTS)
+    assert plan.full and plan.touched == []
+    res = StackResult(stack=S.stack, region=S.region, action="full")
+    assert status_updates(plan, res, validate_all(items), {i["endpoint_name"]: i for i in items}) == {}

@@ -1,0 +1,213 @@
+"""Stack previews for pull requests: what a change would do to the running endpoints, per region.
+
+The program reads live data, so a preview mixes two causes. Each change is labelled: ``table``
+when the endpoint's record differs from the record the stack last applied (new, edited, removed,
+or its watchdog ingress flag moved), ``code`` when the record is the same, so the repository
+change is what alters the declaration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping
+
+from . import manifests as m
+from .endpoint import endpoint_to_item, validate_all
+from .program import PROJECT_ROOT, StackSettings, previous_records_from_outputs
+from .runner import PROJECT, _engine_message, endpoint_of_object
+
+COMMENT_LIMIT = 65_536
+"""GitHub's limit on an issue comment, in characters."""
+OPS = ("replace", "delete", "create", "update")
+_TIMESTAMPS = ("created_at", "updated_at", "created_by")
+
+
+@dataclass
+class Change:
+    endpoint: str
+    op: str
+    resource: str
+    fields: list[str] = field(default_factory=list)
+    cause: str = "code"
+
+
+@dataclass
+class StackPreview:
+    stack: str
+    region: str
+    changes: list[Change] = field(default_factory=list)
+    record_changes: dict[str, str] = field(default_factory=dict)
+    """Endpoint -> why its record differs from the last applied one."""
+    invalid: dict[str, list[str]] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+
+    def count(self, op: str) -> int:
+        return sum(1 for c in self.changes if c.op == op)
+
+
+def _comparable(item: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in item.items() if k not in _TIMESTAMPS}
+
+
+def record_changes(settings: StackSettings, items: list[Mapping[str, Any]], outputs: Mapping[str, Any] | None) -> dict[str, str]:
+    """Which endpoints' table records differ from what this stack last applied (pure)."""
+    applied = previous_records_from_outputs(outputs or {})
+    validated = validate_all(items, allowed_namespaces=settings.allowed_namespaces)
+    applied_fp = {n: o.get("fingerprint") for n, o in ((outputs or {}).get("endpoints") or {}).items()}
+    out: dict[str, str] = {}
+    for name, ep in validated.endpoints.items():
+        objects, fp = m.declaration(ep, settings.region, settings.cluster)
+        if name not in applied:
+            if objects:
+                out[name] = "new record"
+            continue
+        if _comparable(endpoint_to_item(ep)) != _comparable(applied[name]):
+            out[name] = "record changed" if objects else f"record now {ep.desired_state}" if ep.desired_state == "deleted" else "no longer targets this region"
+        elif applied_fp.get(name) != fp and ep.status_in(settings.region).ingress:
+            out[name] = f"ingress {ep.status_in(settings.region).ingress} by the health job"
+    for name in validated.invalid:
+        out[name] = "record invalid (last applied declaration kept)"
+    for name in applied:
+        if name not in validated.endpoints and name not in validated.invalid:
+            out[name] = "record removed from the table"
+    return out
+
+
+def _fields(meta: Any) -> list[str]:
+    if meta.detailed_diff:
+        return sorted(meta.detailed_diff)
+    return sorted(meta.diffs or [])
+
+
+def preview_stack(settings: StackSettings, items: list[dict[str, Any]], env: Mapping[str, str], *,
+                  refresh: bool = False) -> StackPreview:
+    """A real engine preview of one stack, turned into per-endpoint changes."""
+    from pulumi import automation as auto
+
+    from . import program
+
+    result = StackPreview(stack=settings.stack, region=settings.region)
+    started = time.monotonic()
+    events: list[Any] = []
+    os.environ.update(env)
+    try:
+        ws = auto.LocalWorkspace(work_dir=str(PROJECT_ROOT), env_vars=dict(env))
+        outputs: dict[str, Any] = {}
+        if settings.stack in {s.name for s in ws.list_stacks()}:
+            outputs = {k: v.value for k, v in ws.stack_outputs(settings.stack).items()}
+        previous = previous_records_from_outputs(outputs)
+        stack = auto.create_or_select_stack(
+            stack_name=settings.stack, project_name=PROJECT,
+            program=lambda: program.main(items=items, previous=lambda: previous, settings=settings),
+            opts=auto.LocalWorkspaceOptions(work_dir=str(PROJECT_ROOT), env_vars=dict(env)))
+        stack.preview(diff=True, refresh=refresh, on_event=events.append, suppress_progress=True, color="never")
+    except auto.CommandError as exc:
+        result.error = _engine_message(str(exc))
+        result.seconds = time.monotonic() - started
+        return result
+    result.record_changes = record_changes(settings, items, outputs)
+    result.invalid = {k: list(v) for k, v in validate_all(items, allowed_namespaces=settings.allowed_namespaces).invalid.items()}
+    for event in events:
+        pre = getattr(event, "resource_pre_event", None)
+        if pre is None:
+            continue
+        meta = pre.metadata
+        op = meta.op.value if hasattr(meta.op, "value") else str(meta.op)
+        op = {"create-replacement": "replace", "delete-replaced": ""}.get(op, op)
+        if op not in OPS or not meta.type.startswith("kubernetes:") or meta.type.startswith("pulumi:providers"):
+            continue
+        objname = meta.urn.rsplit("::", 1)[-1]
+        endpoint = endpoint_of_object(objname)
+        kind = meta.type.rsplit(":", 1)[-1]
+        result.changes.append(Change(endpoint=endpoint, op=op, resource=f"{kind}/{objname}", fields=_fields(meta) if op in ("update", "replace") else [],
+                                     cause="table" if endpoint in result.record_changes else "code"))
+    result.changes.sort(key=lambda c: (OPS.index(c.op), c.endpoint, c.resource))
+    result.seconds = time.monotonic() - started
+    return result
+
+
+# ---- rendering (pure) ---------------------------------------------------------------------------------------------
+
+
+def _summary_line(p: StackPreview) -> str:
+    if p.error:
+        return f"preview failed: {p.error}"
+    counts = ", ".join(f"{p.count(op)} to {op}" for op in ("create", "update", "replace", "delete"))
+    return counts
+
+
+def render_markdown(previews: list[StackPreview], limit: int = COMMENT_LIMIT - 1_000) -> str:
+    """One comment for all regions; summarised (never cut mid-table) to stay under ``limit``."""
+    head = ["## gco-infra stack preview", ""]
+    risky = [(p, c) for p in previews for c in p.changes if c.op in ("replace", "delete")]
+    if risky:
+        reps = sum(1 for _, c in risky if c.op == "replace")
+        dels = len(risky) - reps
+        head.append(f"> **Warning: {reps} replacement(s) and {dels} deletion(s).** Replacements recreate running objects; "
+                    "deletions remove them.")
+        for p, c in risky[:20]:
+            head.append(f"> - {p.region}: **{c.op}** {c.resource} (endpoint `{c.endpoint}`, cause: {c.cause})")
+        if len(risky) > 20:
+            head.append(f"> - ... and {len(risky) - 20} more, listed per region below")
+        head.append("")
+    head += [
+        "This preview reads the live endpoints table, so it shows two kinds of change. "
+        "**code**: the endpoint's record is what the stack last applied, so this pull request's code changes it. "
+        "**table**: the endpoint's record in the table differs from what was last applied (new, edited, removed); "
+        "that change will be applied by the next runner tick whether or not this pull request merges.",
+        "",
+    ]
+    if not any(p.changes or p.error or p.invalid for p in previews):
+        head.append("No changes in any region.")
+    sections: list[list[str]] = []
+    for p in previews:
+        sec = [f"### {p.region} (stack `{p.stack}`): {_summary_line(p)}", ""]
+        if p.invalid:
+            sec.append("Invalid records (their last applied declaration is kept): " +
+                       "; ".join(f"`{n}`: {e[0]}" for n, e in sorted(p.invalid.items())))
+            sec.append("")
+        if p.changes:
+            sec.append("| endpoint | cause | op | resource | changed fields |")
+            sec.append("|---|---|---|---|---|")
+        sections.append(sec)
+
+    def row(c: Change) -> str:
+        fields = ", ".join(f"`{f}`" for f in c.fields[:6]) + (f" (+{len(c.fields) - 6})" if len(c.fields) > 6 else "")
+        return f"| `{c.endpoint}` | {c.cause} | {c.op} | {c.resource} | {fields} |"
+
+    # Fill rows round-robin across regions while the budget lasts; then summarise what is left.
+    budget = limit - len("\n".join(head)) - sum(len("\n".join(s)) + 400 for s in sections)
+    shown = [0] * len(previews)
+    progress = True
+    while progress:
+        progress = False
+        for i, p in enumerate(previews):
+            if shown[i] < len(p.changes):
+                line = row(p.changes[shown[i]])
+                if len(line) + 1 > budget:
+                    continue
+                sections[i].append(line)
+                budget -= len(line) + 1
+                shown[i] += 1
+                progress = True
+    for i, p in enumerate(previews):
+        rest = p.changes[shown[i]:]
+        if rest:
+            by: dict[tuple[str, str], int] = {}
+            for c in rest:
+                by[(c.op, c.cause)] = by.get((c.op, c.cause), 0) + 1
+            parts = ", ".join(f"{n} {op} ({cause})" for (op, cause), n in sorted(by.items()))
+            sections[i] += ["", f"... and {len(rest)} more changes not listed to fit one comment: {parts}."]
+        sections[i].append("")
+    return "\n".join(head + [line for s in sections for line in s]).rstrip() + "\n"
+
+
+def render_json(previews: list[StackPreview]) -> str:
+    return json.dumps([asdict(p) for p in previews], indent=2, sort_keys=True)
+
+
+__all__ = ["Change", "StackPreview", "preview_stack", "record_changes", "render_markdown", "render_json", "Callable"]
