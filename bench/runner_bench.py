@@ -72,10 +72,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100,500,1000")
     ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
+    ap.add_argument("--skip-checkpoints", action="store_true",
+                    help="Also measure with PULUMI_SKIP_CHECKPOINTS=true (no intermediate file-backend checkpoints).")
     args = ap.parse_args()
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
         rows.append(measure(n, lambda s: print(s, flush=True)))
+        if args.skip_checkpoints:
+            import os
+
+            os.environ["PULUMI_SKIP_CHECKPOINTS"] = "true"
+            try:
+                row = measure(n, lambda s: print("skip-checkpoints", s, flush=True))
+            finally:
+                del os.environ["PULUMI_SKIP_CHECKPOINTS"]
+            row["n"] = f"{n} (skip checkpoints)"
+            rows.append(row)
     labels = ["first full apply", "no-change tick", "one-endpoint change", "full reconcile (refresh)"]
     lines = [
         f"# Runner benchmark ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {localenv.os.cpu_count()} cores)",
