@@ -251,8 +251,10 @@ def build_runner(stacks: list[str], opts: Any, progress):
 @click.option("--max-delete-fraction", type=float, default=0.10, show_default=True, help="Deletion bound, as a fraction of a stack's endpoints.")
 @click.option("--max-delete-min", type=int, default=2, show_default=True, help="Deletion bound floor (endpoints).")
 @click.option("--parallel", type=int, default=1, show_default=True, help="Stacks operated at once (one process each).")
+@click.option("--liveness-port", type=int, default=None,
+              help="Serve /healthz here: 200 while ticks complete (a tick may take up to --full-every).")
 def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float, full: bool, allow_mass_delete: bool,
-        max_delete_fraction: float, max_delete_min: int, parallel: int) -> None:
+        max_delete_fraction: float, max_delete_min: int, parallel: int, liveness_port: int | None) -> None:
     """Apply the regional stacks from the table: nothing when nothing changed, targeted updates for a few
     changed endpoints, a full `up --refresh` periodically."""
     from .runner import EXIT_CONFIG, EXIT_STORE, RunnerOptions, exit_code
@@ -266,6 +268,12 @@ def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float,
         sys.exit(EXIT_CONFIG)
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    last_tick = {"at": time.time()}
+    if liveness_port:
+        from .health import serve_liveness
+
+        # A tick that hangs (a stuck engine, an unreachable table without timeouts) fails the probe.
+        serve_liveness(lambda: time.time() - last_tick["at"] < max(3 * interval, 2 * full_every), liveness_port)
     first = True
     code = 0
     try:
@@ -287,6 +295,7 @@ def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float,
                          seconds=round(r.seconds, 2), errors=r.endpoint_errors or None)
             if results:
                 code = exit_code(results)
+            last_tick["at"] = time.time()
             first = False
             if once or stop["now"]:
                 break
@@ -377,7 +386,7 @@ def health(stack: str, once: bool, interval: float, threshold: float, lease_name
     from kubernetes import client as kclient
     from kubernetes import config as kconfig
 
-    from .health import HealthJob, LeaseElector, serve_liveness
+    from .health import HealthJob, LeaseElector, job_is_healthy, serve_liveness
 
     try:
         settings = settings_from_stack_file(stack)
@@ -401,7 +410,7 @@ def health(stack: str, once: bool, interval: float, threshold: float, lease_name
     job = HealthJob(store, api, settings.region, settings.allowed_namespaces, threshold=threshold,
                     known_regions=known_regions(), elector=elector)
     if liveness_port:
-        serve_liveness(job, liveness_port, max_age=max(3 * interval, 60))
+        serve_liveness(job_is_healthy(job, max_age=max(3 * interval, 60)), liveness_port)
     while True:
         started = time.monotonic()
         report = job.tick()

@@ -12,13 +12,12 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, Callable, Iterable, Mapping
 
 from kubernetes import client
 
-from . import manifests as m
 from .endpoint import Endpoint, validate_all
 from .store import EndpointStore, StoreError
 
@@ -258,14 +257,12 @@ class HealthJob:
 # ---- liveness ------------------------------------------------------------------------------------------------------
 
 
-def serve_liveness(job: HealthJob, port: int, max_age: float) -> HTTPServer:
-    """/healthz answers 200 only while ticks succeed (a real signal, not `exists /proc/1`)."""
+def serve_liveness(healthy: Callable[[], bool], port: int) -> HTTPServer:
+    """/healthz answers 200 only while ``healthy()`` (a real signal, not `exists /proc/1`)."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server API
-            fresh = job.last_success is not None and time.time() - job.last_success < max_age
-            standby = job.elector is not None and not job.elector.is_leader()
-            ok = self.path == "/healthz" and (fresh or standby)
+            ok = self.path == "/healthz" and healthy()
             self.send_response(200 if ok else 503)
             self.end_headers()
             self.wfile.write(b"ok\n" if ok else b"stale\n")
@@ -278,4 +275,12 @@ def serve_liveness(job: HealthJob, port: int, max_age: float) -> HTTPServer:
     return server
 
 
-__all__ = ["HealthJob", "HealthReport", "LeaseElector", "serve_liveness", "timedelta", "m"]
+def job_is_healthy(job: HealthJob, max_age: float) -> Callable[[], bool]:
+    """Fresh ticks, or standing by while another replica holds the lease."""
+    def check() -> bool:
+        fresh = job.last_success is not None and time.time() - job.last_success < max_age
+        return fresh or (job.elector is not None and not job.elector.is_leader())
+    return check
+
+
+__all__ = ["HealthJob", "HealthReport", "LeaseElector", "serve_liveness", "job_is_healthy"]
