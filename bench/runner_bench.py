@@ -72,13 +72,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100,500,1000")
     ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
-    ap.add_argument("--skip-checkpoints", action="store_true",
-                    help="Also measure with PULUMI_SKIP_CHECKPOINTS=true (no intermediate file-backend checkpoints).")
+    ap.add_argument("--checkpoints", choices=("on", "off", "both"), default="on",
+                    help="on: the engine's default; off: PULUMI_SKIP_CHECKPOINTS=true (no intermediate "
+                         "file-backend checkpoints); both: measure each N both ways.")
     args = ap.parse_args()
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
-        rows.append(measure(n, lambda s: print(s, flush=True)))
-        if args.skip_checkpoints:
+        if args.checkpoints in ("on", "both"):
+            rows.append(measure(n, lambda s: print(s, flush=True)))
+        if args.checkpoints in ("off", "both"):
             import os
 
             os.environ["PULUMI_SKIP_CHECKPOINTS"] = "true"

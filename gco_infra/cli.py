@@ -253,8 +253,12 @@ def build_runner(stacks: list[str], opts: Any, progress):
 @click.option("--parallel", type=int, default=1, show_default=True, help="Stacks operated at once (one process each).")
 @click.option("--liveness-port", type=int, default=None,
               help="Serve /healthz here: 200 while ticks complete (a tick may take up to --full-every).")
+@click.option("--metrics-port", type=int, default=None, envvar="GCO_METRICS_PORT",
+              help="Serve Prometheus metrics on /metrics here: ticks by outcome, Pulumi operations, failures and "
+                   "last success time per stack, operation durations. Off by default.")
 def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float, full: bool, allow_mass_delete: bool,
-        max_delete_fraction: float, max_delete_min: int, parallel: int, liveness_port: int | None) -> None:
+        max_delete_fraction: float, max_delete_min: int, parallel: int, liveness_port: int | None,
+        metrics_port: int | None) -> None:
     """Apply the regional stacks from the table: nothing when nothing changed, targeted updates for a few
     changed endpoints, a full `up --refresh` periodically."""
     from .runner import EXIT_CONFIG, EXIT_STORE, RunnerOptions, exit_code
@@ -274,6 +278,12 @@ def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float,
 
         # A tick that hangs (a stuck engine, an unreachable table without timeouts) fails the probe.
         serve_liveness(lambda: time.time() - last_tick["at"] < max(3 * interval, 2 * full_every), liveness_port)
+    metrics = None
+    if metrics_port:
+        from .metrics import RunnerMetrics
+
+        metrics = RunnerMetrics()
+        metrics.serve(metrics_port)
     first = True
     code = 0
     try:
@@ -295,6 +305,10 @@ def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float,
                          seconds=round(r.seconds, 2), errors=r.endpoint_errors or None)
             if results:
                 code = exit_code(results)
+            if metrics is not None:
+                from .metrics import OUTCOMES
+
+                metrics.observe(results, time.monotonic() - started, OUTCOMES.get(code, "failed"))
             last_tick["at"] = time.time()
             first = False
             if once or stop["now"]:

@@ -14,7 +14,7 @@ import re
 import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import pulumi
 import pulumi_kubernetes as k8s
@@ -184,17 +184,21 @@ class Declared:
 
 def declare(settings: StackSettings, items: list[Mapping[str, Any]],
             previous: Callable[[], Mapping[str, Mapping[str, Any]]],
-            provider: pulumi.ProviderResource | None = None) -> Declared:
-    """Declare every endpoint of the table that targets this stack's region.
+            provider: pulumi.ProviderResource | None = None,
+            only: Collection[str] | None = None) -> Declared:
+    """Declare the endpoints of the table that target this stack's region.
 
-    Always all of them, also in the runner's targeted updates: the engine refuses a targeted update
-    in which an untargeted resource is no longer declared.
+    ``only`` limits the declaration to those names: the runner's targeted updates declare just the
+    endpoints they target, and the engine keeps every untargeted resource as it is (an untargeted
+    resource that is not declared is neither updated nor deleted).
     """
     validated = validate_all(items, allowed_namespaces=settings.allowed_namespaces)
     result = Declared()
     opts = pulumi.ResourceOptions(providers=[provider]) if provider else None
 
     def add(ep: Endpoint, state: str) -> None:
+        if only is not None and ep.name not in only:
+            return
         objects, fp = m.declaration(ep, settings.region, settings.cluster)
         if not objects:
             return
@@ -210,10 +214,11 @@ def declare(settings: StackSettings, items: list[Mapping[str, Any]],
     for ep in validated.endpoints.values():
         add(ep, ep.desired_state)
 
-    if validated.invalid:
+    invalid = {n: e for n, e in validated.invalid.items() if only is None or n in only}
+    result.invalid = {n: list(e) for n, e in sorted(validated.invalid.items())}
+    if invalid:
         prior = previous()
-        for name, errors in sorted(validated.invalid.items()):
-            result.invalid[name] = list(errors)
+        for name, errors in sorted(invalid.items()):
             for e in errors:
                 pulumi.log.warn(e)
             kept = prior.get(name)
@@ -228,21 +233,46 @@ def declare(settings: StackSettings, items: list[Mapping[str, Any]],
     return result
 
 
-def export(settings: StackSettings, declared: Declared) -> None:
+def kept_outputs(previous_endpoints: Mapping[str, Any], declared: Declared,
+                 only: Collection[str]) -> dict[str, dict[str, Any]]:
+    """Outputs after a targeted update: the untargeted endpoints' as they were, the targeted ones' anew."""
+    merged: dict[str, dict[str, Any]] = {}
+    for name, out in previous_endpoints.items():
+        if name in only or not isinstance(out, Mapping):
+            continue
+        kept = dict(out)
+        if isinstance(kept.get("record"), str):
+            kept["record"] = pulumi.Output.secret(kept["record"])
+        merged[name] = kept
+    merged.update(declared.outputs)
+    return dict(sorted(merged.items()))
+
+
+def export(settings: StackSettings, declared: Declared, endpoints: Mapping[str, Any] | None = None) -> None:
     pulumi.export("region", settings.region)
     pulumi.export("declarationVersion", m.DECLARATION_VERSION)
-    pulumi.export("endpoints", declared.outputs)
+    pulumi.export("endpoints", declared.outputs if endpoints is None else endpoints)
     pulumi.export("invalid", declared.invalid)
 
 
 def main(items: list[Mapping[str, Any]] | None = None,
          previous: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
-         settings: StackSettings | None = None) -> Declared:
-    """Entry point of ``__main__.py`` and of the runner's inline program."""
+         settings: StackSettings | None = None, *,
+         only: Collection[str] | None = None,
+         previous_endpoints: Mapping[str, Any] | None = None) -> Declared:
+    """Entry point of ``__main__.py`` and of the runner's inline program.
+
+    The runner's targeted updates pass ``only`` (the targeted endpoints) and ``previous_endpoints``
+    (the stack's ``endpoints`` output), so the program declares just those endpoints and the
+    exports still describe every endpoint in the stack.
+    """
     settings = settings or load_settings()
     if items is None:
         items = EndpointStore(settings.store).list_endpoints()  # StoreError stops the update
+    if only is not None and previous_endpoints is None:
+        raise ProgramError("a targeted declaration needs the stack's previous endpoint outputs")
     provider = make_provider(settings)
-    declared = declare(settings, items, previous or (lambda: read_previous_records(settings.stack)), provider)
-    export(settings, declared)
+    declared = declare(settings, items, previous or (lambda: read_previous_records(settings.stack)), provider, only)
+    endpoints = None if only is None else kept_outputs(previous_endpoints or {}, declared, only)
+    export(settings, declared, endpoints)
     return declared

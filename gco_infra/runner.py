@@ -149,10 +149,6 @@ def exact_glob(urn: str) -> str:
     return f"{head}*{sep}{name}"
 
 
-def stack_urn(stack: str) -> str:
-    return f"urn:pulumi:{stack}::{PROJECT}::pulumi:pulumi:Stack::{PROJECT}-{stack}"
-
-
 def endpoint_urns(stack: str, name: str, roles_objects: Mapping[str, str]) -> list[str]:
     base = f"urn:pulumi:{stack}::{PROJECT}::{COMPONENT_TYPE}"
     urns = [f"{base}::{name}"]
@@ -162,8 +158,13 @@ def endpoint_urns(stack: str, name: str, roles_objects: Mapping[str, str]) -> li
 
 
 def targets_for(plan: Plan, validated: Validated, settings: StackSettings, outputs: Mapping[str, Any] | None) -> list[str]:
+    """Exact globs for the touched endpoints' components and objects, old and new.
+
+    The stack itself is not a target: the engine always updates the root stack's outputs, and
+    targeting it would make every resource (all are its children) a candidate for deletion.
+    """
     old = (outputs or {}).get("endpoints") or {}
-    urns = [stack_urn(plan.stack)]
+    urns: list[str] = []
     for name in plan.touched:
         roles: dict[str, str] = {}
         for role, ref in (old.get(name, {}).get("objects") or {}).items():
@@ -247,8 +248,12 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
     previous = previous_records_from_outputs(outputs or {})
     full = plan.full
 
+    only = None if full else set(plan.touched)
+    previous_endpoints = (outputs or {}).get("endpoints") or {}
+
     def pulumi_program() -> None:
-        program.main(items=items, previous=lambda: previous, settings=settings)
+        program.main(items=items, previous=lambda: previous, settings=settings, only=only,
+                     previous_endpoints=previous_endpoints)
 
     try:
         os.environ.update(env)

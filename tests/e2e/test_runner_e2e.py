@@ -35,6 +35,15 @@ def test_single_change_among_many_touches_only_that_endpoint(env, tick, runner, 
     after = {n: kube1.deployment(n).metadata.resource_version for n in names}
     assert [n for n in names if after[n] != versions[n]] == ["many-5"]
     assert {e.name: e.value for e in kube1.deployment("many-5").spec.template.spec.containers[0].env} == {"CHANGED": "yes"}
+    # The targeted update declared only many-5; the state and the outputs still hold every endpoint,
+    # so a full reconcile right after finds nothing to do.
+    exported = runner.states["local"].outputs["endpoints"]
+    assert set(names) <= set(exported)
+    assert exported["many-4"]["fingerprint"] and "record" in exported["many-4"]
+    full = next(r for r in tick(force_full=True) if r.region == "local-1")
+    assert (full.action, full.created, full.updated, full.deleted, full.failed) == ("full", 0, 0, 0, 0), full.summary()
+    assert {n: kube1.deployment(n).metadata.resource_version for n in names if n != "many-5"} == \
+        {n: v for n, v in versions.items() if n != "many-5"}
 
 
 def test_mass_deletion_refused_then_allowed(env, tick, runner, kube1):

@@ -8,7 +8,7 @@ import pulumi
 import pytest
 
 from gco_infra.endpoint import endpoint_to_item, parse_endpoint
-from gco_infra.program import ProgramError, StackSettings, declare, export
+from gco_infra.program import ProgramError, StackSettings, declare, export, kept_outputs
 
 REGION = "us-east-1"
 DEP, SVC, ING, HPA = ("kubernetes:apps/v1:Deployment", "kubernetes:core/v1:Service",
@@ -28,7 +28,7 @@ class Mocks(pulumi.runtime.Mocks):
         return {}
 
 
-def run(items, *, region=REGION, previous=None):
+def run(items, *, region=REGION, previous=None, only=None):
     mocks = Mocks()
     pulumi.runtime.set_mocks(mocks, project="gco-infra", stack="test", preview=False)
     settings = StackSettings(stack="test", region=region)
@@ -41,7 +41,7 @@ def run(items, *, region=REGION, previous=None):
 
     @pulumi.runtime.test
     def body():
-        declared = declare(settings, items, prev, None)
+        declared = declare(settings, items, prev, None, only)
         export(settings, declared)
         holder["declared"] = declared
         urns = [r.urn for e in declared.endpoints.values() for r in e.resources.values()]
@@ -185,3 +185,38 @@ def test_program_error_type_exported():
     assert issubclass(ProgramError, RuntimeError)
     assert json.loads(json.dumps(endpoint_to_item(parse_endpoint(item()).endpoint)))["endpoint_name"] == "llama3"
 
+
+
+def test_targeted_declaration_declares_only_the_targeted_endpoints():
+    items = [item(f"ep{i}") for i in range(10)]
+    got, _, declared, calls = run(items, only={"ep3", "ep7"})
+    assert got == plain("ep3") | plain("ep7")
+    assert set(declared.outputs) == {"ep3", "ep7"}
+    assert calls == []
+
+
+def test_targeted_declaration_still_reports_every_invalid_record():
+    items = [item("ok"), item("bad", replicas=-1)]
+    got, _, declared, calls = run(items, only={"ok"})
+    assert got == plain("ok")
+    assert "bad" in declared.invalid
+    assert calls == []  # an untargeted invalid record keeps its resources without reading old outputs
+
+
+def test_targeted_declaration_keeps_an_invalid_targeted_record():
+    last_good = endpoint_to_item(parse_endpoint(item("broken", replicas=2)).endpoint)
+    got, inputs, _, calls = run([item("broken", replicas=-2)], previous={"broken": last_good}, only={"broken"})
+    assert got == plain("broken") and calls == [1]
+    assert inputs[f"broken|{DEP}"]["spec"]["replicas"] == 2
+
+
+def test_kept_outputs_merge_untargeted_entries_with_the_new_ones():
+    _, _, declared, _ = run([item("a"), item("b")], only={"b"})
+    previous = {"a": {"state": "running", "fingerprint": "aaaa", "record": "{}"},
+                "b": {"state": "running", "fingerprint": "old"},
+                "gone": {"state": "running", "fingerprint": "gggg"}}
+    merged = kept_outputs(previous, declared, only={"b", "gone"})
+    assert sorted(merged) == ["a", "b"]  # "gone" was targeted and is not declared: removed
+    assert merged["a"]["fingerprint"] == "aaaa"
+    assert isinstance(merged["a"]["record"], pulumi.Output)  # kept records stay secret
+    assert merged["b"]["fingerprint"] == declared.outputs["b"]["fingerprint"] != "old"
