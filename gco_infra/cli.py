@@ -242,13 +242,16 @@ def build_runner(stacks: list[str], opts: Any, progress):
 
 @main.command("run")
 @click.option("--once", is_flag=True, help="One tick, then exit with a meaningful code (0 ok, 1 failed, 3 table unreadable, 4 deletion refused, 75 locked).")
-@click.option("--stack", "stacks", multiple=True, help="Stack to drive (repeatable). Default: the local stacks.")
+@click.option("--stack", "stacks", multiple=True,
+              help="Region stack to drive, as named by stacks/Pulumi.<stack>.yaml (repeatable). A region with "
+                   "gco:shards=K is applied as its K shard stacks <stack>.shard-0 .. <stack>.shard-K-1. "
+                   "Default: the local stacks.")
 @click.option("--interval", type=float, default=15.0, show_default=True, envvar="GCO_RUN_INTERVAL", help="Seconds between ticks.")
 @click.option("--full-every", type=float, default=600.0, show_default=True, envvar="GCO_FULL_EVERY",
               help="Seconds between full reconciles (up --refresh), which repair drift and out-of-band deletions.")
 @click.option("--full", is_flag=True, help="Force a full reconcile on the first tick.")
 @click.option("--allow-mass-delete", is_flag=True, help="Allow a tick to remove more endpoints than the deletion bound.")
-@click.option("--max-delete-fraction", type=float, default=0.10, show_default=True, help="Deletion bound, as a fraction of a stack's endpoints.")
+@click.option("--max-delete-fraction", type=float, default=0.10, show_default=True, help="Deletion bound, as a fraction of a region's endpoints (all shards together).")
 @click.option("--max-delete-min", type=int, default=2, show_default=True, help="Deletion bound floor (endpoints).")
 @click.option("--parallel", type=int, default=1, show_default=True, help="Stacks operated at once (one process each).")
 @click.option("--liveness-port", type=int, default=None,

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 from . import manifests as m
 from .endpoint import endpoint_to_item, validate_all
-from .program import PROJECT_ROOT, StackSettings, previous_records_from_outputs
+from .program import PROJECT_ROOT, StackSettings, owned, previous_records_from_outputs
 from .runner import PROJECT, _engine_message, endpoint_of_object
 
 COMMENT_LIMIT = 65_536
@@ -56,7 +56,7 @@ def _comparable(item: Mapping[str, Any]) -> dict[str, Any]:
 def record_changes(settings: StackSettings, items: list[Mapping[str, Any]], outputs: Mapping[str, Any] | None) -> dict[str, str]:
     """Which endpoints' table records differ from what this stack last applied (pure)."""
     applied = previous_records_from_outputs(outputs or {})
-    validated = validate_all(items, allowed_namespaces=settings.allowed_namespaces)
+    validated = owned(validate_all(items, allowed_namespaces=settings.allowed_namespaces), settings)
     applied_fp = {n: o.get("fingerprint") for n, o in ((outputs or {}).get("endpoints") or {}).items()}
     out: dict[str, str] = {}
     for name, ep in validated.endpoints.items():
@@ -110,7 +110,8 @@ def preview_stack(settings: StackSettings, items: list[dict[str, Any]], env: Map
         result.seconds = time.monotonic() - started
         return result
     result.record_changes = record_changes(settings, items, outputs)
-    result.invalid = {k: list(v) for k, v in validate_all(items, allowed_namespaces=settings.allowed_namespaces).invalid.items()}
+    invalid = owned(validate_all(items, allowed_namespaces=settings.allowed_namespaces), settings).invalid
+    result.invalid = {k: list(v) for k, v in invalid.items()}
     for event in events:
         pre = getattr(event, "resource_pre_event", None)
         if pre is None:

@@ -8,6 +8,7 @@ reported; it is never dropped, because dropping it would delete what is running.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,11 +22,13 @@ import pulumi_kubernetes as k8s
 
 from . import manifests as m
 from .component import InferenceEndpoint, InferenceEndpointArgs
-from .endpoint import DEFAULT_NAMESPACE, Endpoint, endpoint_to_item, parse_endpoint, validate_all
+from .endpoint import DEFAULT_NAMESPACE, Endpoint, Validated, endpoint_to_item, parse_endpoint, validate_all
 from .store import EndpointStore, StoreConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _CLUSTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
+_SHARD_STACK = re.compile(r"^(?P<base>.+)\.shard-(?P<index>\d+)$")
+MAX_SHARDS = 256
 
 
 class ProgramError(RuntimeError):
@@ -46,6 +49,46 @@ class StackSettings:
     kube_context: str | None = None
     store: StoreConfig = field(default_factory=StoreConfig)
     cluster: m.ClusterSettings = field(default_factory=m.ClusterSettings)
+    shards: int = 1
+    """gco:shards: the region's endpoints are split over this many stacks, ``<stack>.shard-<k>``."""
+    shard: int | None = None
+    """Which shard this stack is (None: the region's only stack)."""
+
+    @property
+    def region_stack(self) -> str:
+        """The stack name of the region's config file (``stacks/Pulumi.<region_stack>.yaml``)."""
+        match = _SHARD_STACK.match(self.stack)
+        return match["base"] if self.shard is not None and match else self.stack
+
+    def owns(self, name: str) -> bool:
+        """Whether endpoint ``name`` belongs in this stack."""
+        return self.shard is None or shard_of(name, self.shards) == self.shard
+
+
+def shard_of(name: str, shards: int) -> int:
+    """The shard of an endpoint: stable across runs, machines and Python versions."""
+    if shards <= 1:
+        return 0
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % shards
+
+
+def shard_stack_name(stack: str, index: int) -> str:
+    return f"{stack}.shard-{index}"
+
+
+def shard_settings(settings: StackSettings) -> list[StackSettings]:
+    """The stacks that apply a region: itself, or one per shard when gco:shards > 1."""
+    if settings.shards <= 1:
+        return [settings]
+    return [replace(settings, stack=shard_stack_name(settings.stack, k), shard=k) for k in range(settings.shards)]
+
+
+def owned(validated: Validated, settings: StackSettings) -> Validated:
+    """The part of the validated table that belongs in this stack (all of it without shards)."""
+    if settings.shard is None:
+        return validated
+    return Validated(endpoints={n: e for n, e in validated.endpoints.items() if settings.owns(n)},
+                     invalid={n: e for n, e in validated.invalid.items() if settings.owns(n)})
 
 
 def _value(raw: Any, kind: type) -> Any:
@@ -92,23 +135,44 @@ def settings_from_values(values: Mapping[str, Any], stack: str) -> StackSettings
         store = replace(store, endpoint_url=os.environ["GCO_DYNAMODB_ENDPOINT"])
     if os.environ.get("GCO_TABLE"):
         store = replace(store, table=os.environ["GCO_TABLE"])
+    try:
+        shards = int(values.get("shards") or 1)
+    except (TypeError, ValueError):
+        raise ProgramError(f"stack {stack}: gco:shards must be a whole number, got {values.get('shards')!r}") from None
+    if not 1 <= shards <= MAX_SHARDS:
+        raise ProgramError(f"stack {stack}: gco:shards must be between 1 and {MAX_SHARDS}, got {shards}")
     return StackSettings(
         stack=stack, region=region, allowed_namespaces=tuple(namespaces), cluster_name=cluster_name,
         aws_region=aws_region, kubeconfig=kubeconfig, kube_context=values.get("kubeContext"),
-        store=store, cluster=cluster,
+        store=store, cluster=cluster, shards=shards,
     )
 
 
 CONFIG_KEYS = ("region", "allowedNamespaces", "clusterName", "awsRegion", "kubeconfig", "kubeContext", "table",
-               "tableRegion", "dynamodbEndpoint") + tuple(k for k, _, _ in _CLUSTER_KEYS)
+               "tableRegion", "dynamodbEndpoint", "shards") + tuple(k for k, _, _ in _CLUSTER_KEYS)
 
 
 def load_settings() -> StackSettings:
-    """Settings inside a Pulumi program, from the stack's ``gco:`` config."""
+    """Settings inside a Pulumi program, from the stack's ``gco:`` config.
+
+    A shard stack (``<stack>.shard-<k>``) has no config file of its own: it takes the region's,
+    ``stacks/Pulumi.<stack>.yaml``, so every shard of a region is configured in one place.
+    """
+    stack = pulumi.get_stack()
+    match = _SHARD_STACK.match(stack)
+    if match:
+        return shard_of_stack(settings_from_stack_file(match["base"]), int(match["index"]))
     cfg = pulumi.Config("gco")
     values: dict[str, Any] = {k: cfg.get(k) for k in CONFIG_KEYS}
     values["aws:region"] = pulumi.Config("aws").get("region")
-    return settings_from_values(values, pulumi.get_stack())
+    return settings_from_values(values, stack)
+
+
+def shard_of_stack(region: StackSettings, index: int) -> StackSettings:
+    if region.shards <= 1 or index >= region.shards:
+        raise ProgramError(f"stack {shard_stack_name(region.stack, index)}: stack {region.stack} has "
+                           f"gco:shards={region.shards}, so there is no shard {index}")
+    return shard_settings(region)[index]
 
 
 def settings_from_stack_file(stack: str, root: Path = PROJECT_ROOT) -> StackSettings:
@@ -117,7 +181,9 @@ def settings_from_stack_file(stack: str, root: Path = PROJECT_ROOT) -> StackSett
 
     path = root / "stacks" / f"Pulumi.{stack}.yaml"
     if not path.exists():
-        raise ProgramError(f"stack {stack}: {path} does not exist")
+        match = _SHARD_STACK.match(stack)
+        hint = f" (a shard stack: name its region stack, {match['base']})" if match else ""
+        raise ProgramError(f"stack {stack}: {path} does not exist{hint}")
     config = (yaml.safe_load(path.read_text()) or {}).get("config") or {}
     values = {k.split(":", 1)[1]: v for k, v in config.items() if k.startswith("gco:")}
     values["aws:region"] = config.get("aws:region")
@@ -192,7 +258,7 @@ def declare(settings: StackSettings, items: list[Mapping[str, Any]],
     endpoints they target, and the engine keeps every untargeted resource as it is (an untargeted
     resource that is not declared is neither updated nor deleted).
     """
-    validated = validate_all(items, allowed_namespaces=settings.allowed_namespaces)
+    validated = owned(validate_all(items, allowed_namespaces=settings.allowed_namespaces), settings)
     result = Declared()
     opts = pulumi.ResourceOptions(providers=[provider]) if provider else None
 
@@ -267,6 +333,11 @@ def main(items: list[Mapping[str, Any]] | None = None,
     exports still describe every endpoint in the stack.
     """
     settings = settings or load_settings()
+    if settings.shards > 1 and settings.shard is None:
+        raise ProgramError(
+            f"stack {settings.stack} is split into {settings.shards} shard stacks (gco:shards): apply "
+            f"{shard_stack_name(settings.stack, 0)} .. {shard_stack_name(settings.stack, settings.shards - 1)} "
+            "(`gco-infra run` does), not the region stack itself")
     if items is None:
         items = EndpointStore(settings.store).list_endpoints()  # StoreError stops the update
     if only is not None and previous_endpoints is None:

@@ -16,13 +16,13 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from . import manifests as m
 from .component import TYPE as COMPONENT_TYPE
 from .component import TYPE_TOKENS
 from .endpoint import Endpoint, Validated, validate_all
-from .program import PROJECT_ROOT, ProgramError, StackSettings, previous_records_from_outputs
+from .program import PROJECT_ROOT, ProgramError, StackSettings, owned, previous_records_from_outputs, shard_settings
 from .store import EndpointStore, StoreError, utcnow
 
 PROJECT = "gco-infra"
@@ -60,6 +60,8 @@ class Plan:
     full: bool = False
     reason: str = ""
     refused: str | None = None
+    applied: int = 0
+    """How many endpoints the stack held before this plan."""
 
     @property
     def touched(self) -> list[str]:
@@ -131,12 +133,37 @@ def plan_stack(settings: StackSettings, validated: Validated, outputs: Mapping[s
         plan.full, plan.reason = True, "declaration version changed"
     elif full_due:
         plan.full, plan.reason = True, "periodic full reconcile"
-    bound = max(opts.max_delete_min, int(len(applied) * opts.max_delete_fraction))
-    if len(plan.removed) > bound and not opts.allow_mass_delete:
-        plan.refused = (f"refusing to remove {len(plan.removed)} endpoints from {settings.stack} "
-                        f"(bound {bound}: max({opts.max_delete_min}, {opts.max_delete_fraction:.0%} of {len(applied)})); "
-                        "re-run with --allow-mass-delete if this is intended")
+    plan.applied = len(applied)
+    plan.refused = removal_refusal(settings.stack, len(plan.removed), len(applied), opts)
     return plan
+
+
+def removal_refusal(where: str, removed: int, applied: int, opts: RunnerOptions) -> str | None:
+    """Why removing ``removed`` of ``applied`` endpoints is refused, or None when within the bound."""
+    bound = max(opts.max_delete_min, int(applied * opts.max_delete_fraction))
+    if removed <= bound or opts.allow_mass_delete:
+        return None
+    return (f"refusing to remove {removed} endpoints from {where} "
+            f"(bound {bound}: max({opts.max_delete_min}, {opts.max_delete_fraction:.0%} of {applied})); "
+            "re-run with --allow-mass-delete if this is intended")
+
+
+def bound_sharded_regions(plans: list[tuple[StackSettings, Plan]], opts: RunnerOptions) -> None:
+    """Apply the mass-deletion bound to a sharded region as a whole, not per shard.
+
+    Per shard, the minimum of the bound would let each of k shards remove that many endpoints. When
+    the region exceeds the bound, every shard of it is refused, as an unsharded stack would be.
+    """
+    regions: dict[str, list[Plan]] = {}
+    for settings, plan in plans:
+        if settings.shard is not None:
+            regions.setdefault(settings.region_stack, []).append(plan)
+    for region_stack, shard_plans in regions.items():
+        removed = sum(len(p.removed) for p in shard_plans)
+        applied = sum(p.applied for p in shard_plans)
+        refusal = removal_refusal(f"{region_stack} (all its shards)", removed, applied, opts)
+        for p in shard_plans:
+            p.refused = refusal
 
 
 def exact_glob(urn: str) -> str:
@@ -404,10 +431,37 @@ class StackState:
     last_full: float = 0.0
 
 
+def misplaced_endpoints(states: Iterable["StackState"]) -> dict[str, str]:
+    """Region stack -> why its shards cannot run: endpoints applied in a stack they do not belong to.
+
+    That happens when gco:shards changes, or when a region stack was sharded while it still held
+    endpoints. Applying anyway would create objects another stack owns (and later delete them), so
+    the region is refused until the endpoints are moved (``pulumi state move``) or gco:shards restored.
+    """
+    problems: dict[str, list[str]] = {}
+    for state in states:
+        s = state.settings
+        endpoints = ((state.outputs or {}).get("endpoints") or {}) if state.outputs_loaded else {}
+        wrong = sorted(n for n in endpoints if not s.owns(n))
+        if wrong:
+            problems.setdefault(s.region_stack, []).append(
+                f"{s.stack} holds {len(wrong)} endpoint(s) of other shards ({', '.join(wrong[:5])}"
+                f"{', ...' if len(wrong) > 5 else ''})")
+    return {base: "; ".join(p) + f"; gco:shards of {base} changed? move them with `pulumi state move` or restore it"
+            for base, p in problems.items()}
+
+
 class Runner:
     def __init__(self, stacks: list[StackSettings], store: EndpointStore, env: Mapping[str, str],
                  opts: RunnerOptions = RunnerOptions(), progress: Callable[[str], None] = lambda s: None) -> None:
-        self.states = {s.stack: StackState(settings=s) for s in stacks}
+        self.states: dict[str, StackState] = {}
+        self.guards: dict[str, StackState] = {}
+        """Sharded regions' own stacks: never operated, but they must hold no endpoint."""
+        for region in stacks:
+            if region.shards > 1:
+                self.guards[region.stack] = StackState(settings=replace(region, shard=-1))  # owns nothing
+            for s in shard_settings(region):
+                self.states[s.stack] = StackState(settings=s)
         self.store = store
         self.env = dict(env)
         self.opts = opts
@@ -462,6 +516,7 @@ class Runner:
         now = time.monotonic()
         results: list[StackResult] = []
         work: list[tuple[StackState, Plan, Validated, list[str] | None]] = []
+        ready: list[StackState] = []
         for state in self.states.values():
             if self._locked_by_other(state.settings.stack):
                 results.append(StackResult(stack=state.settings.stack, region=state.settings.region, action="skipped",
@@ -473,9 +528,34 @@ class Runner:
                 results.append(StackResult(stack=state.settings.stack, region=state.settings.region, action="failed",
                                            message=str(exc)))
                 continue
-            validated = validate_all(items, allowed_namespaces=state.settings.allowed_namespaces)
+            ready.append(state)
+        guard_errors: dict[str, str] = {}
+        for guard in self.guards.values():
+            if self._locked_by_other(guard.settings.stack):
+                guard_errors[guard.settings.stack] = f"stack {guard.settings.stack} is locked; its shards wait"
+                continue
+            try:
+                self._load_outputs(guard)
+            except ProgramError as exc:
+                guard_errors[guard.settings.stack] = str(exc)
+        blocked = {**misplaced_endpoints([*self.guards.values(), *self.states.values()]), **guard_errors}
+        validations: dict[tuple[str, ...], Validated] = {}
+        planned: list[tuple[StackState, Plan, Validated]] = []
+        for state in ready:
+            if state.settings.region_stack in blocked:
+                state.outputs_loaded = False  # re-read next tick: someone may have moved the endpoints
+                results.append(StackResult(stack=state.settings.stack, region=state.settings.region, action="refused",
+                                           message=blocked[state.settings.region_stack]))
+                continue
+            namespaces = state.settings.allowed_namespaces
+            if namespaces not in validations:
+                validations[namespaces] = validate_all(items, allowed_namespaces=namespaces)
+            validated = owned(validations[namespaces], state.settings)
             full_due = force_full or (now - state.last_full >= self.opts.full_every if state.last_full else True)
             plan = plan_stack(state.settings, validated, state.outputs, full_due=full_due, opts=self.opts)
+            planned.append((state, plan, validated))
+        bound_sharded_regions([(state.settings, plan) for state, plan, _ in planned], self.opts)
+        for state, plan, validated in planned:
             if plan.refused:
                 res = StackResult(stack=plan.stack, region=plan.region, action="refused", message=plan.refused)
                 res.status_writes = write_statuses(self.store, plan.region, status_updates(plan, res, validated, by_name), by_name)

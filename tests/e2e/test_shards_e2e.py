@@ -1,0 +1,109 @@
+"""A sharded region end to end: endpoints spread over shard stacks, a change operates one shard only,
+and a change of gco:shards that would move endpoints between stacks is refused."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import boto3
+import pytest
+from kubernetes import client
+
+from gco_infra.program import settings_from_stack_file, shard_of
+from gco_infra.runner import Runner, RunnerOptions, with_local_overrides
+from gco_infra.store import EndpointStore
+
+from .conftest import Kube
+
+TABLE = "gco-shard-test"
+NAMESPACE = "gco-shards"
+SHARDS = 3
+
+
+@pytest.fixture(scope="module")
+def sharded(env):
+    """A region stack 'sharded' over local-1 with its own table and namespace, so it shares nothing
+    with the session runner's stacks."""
+    session = boto3.session.Session(aws_access_key_id="local", aws_secret_access_key="local", region_name="us-east-1")
+    store = EndpointStore(replace(env.store().config, table=TABLE), session=session)
+    store.create_table()
+    core = client.CoreV1Api(env.kube("local-1"))
+    if NAMESPACE not in {n.metadata.name for n in core.list_namespace().items}:
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NAMESPACE)))
+    base = settings_from_stack_file("local")
+    settings = replace(with_local_overrides(base, str(env.kubeconfig(base.region)), env.dynamodb_endpoint, TABLE),
+                       stack="sharded", shards=SHARDS, allowed_namespaces=(NAMESPACE,))
+    return settings, store
+
+
+def runner_for(env, sharded, **opts) -> Runner:
+    settings, store = sharded
+    shards = opts.pop("shards", settings.shards)
+    return Runner([replace(settings, shards=shards)], store, env.pulumi_env(), RunnerOptions(**opts))
+
+
+def put(store, name, **spec):
+    store.put_desired({"endpoint_name": name, "desired_state": "running", "target_regions": ["local-1"],
+                       "namespace": NAMESPACE, "spec": {"image": "example.com/org/server:1", "gpu_count": 0, **spec}})
+
+
+def test_sharded_region_applies_each_endpoint_in_its_own_shard_only(env, sharded):
+    settings, store = sharded
+    kube = Kube(env, "local-1")
+    names = [f"sh-{i}" for i in range(12)]
+    assert len({shard_of(n, SHARDS) for n in names}) == SHARDS, "pick names that cover every shard"
+    for n in names:
+        put(store, n)
+    runner = runner_for(env, sharded)
+    try:
+        first = runner.tick()
+        assert sorted(r.stack for r in first) == [f"sharded.shard-{k}" for k in range(SHARDS)]
+        assert all(r.action == "full" for r in first), [r.summary() for r in first]
+        assert runner.operations == SHARDS
+        for r in first:
+            k = int(r.stack.rsplit("-", 1)[1])
+            mine = sorted(n for n in names if shard_of(n, SHARDS) == k)
+            assert sorted(runner.states[r.stack].outputs["endpoints"]) == mine
+        assert all(kube.deployment(n, NAMESPACE) is not None for n in names)
+        assert all((store.get(n)["region_status"]["local-1"])["state"] == "creating" for n in names)
+
+        versions = {n: kube.deployment(n, NAMESPACE).metadata.resource_version for n in names}
+        ops = runner.operations
+        assert all(r.action == "none" for r in runner.tick())
+        assert runner.operations == ops  # nothing changed: no Pulumi operation in any shard
+
+        put(store, "sh-4", env={"CHANGED": "yes"})
+        results = {r.stack: r for r in runner.tick()}
+        assert runner.operations - ops == 1
+        owner = f"sharded.shard-{shard_of('sh-4', SHARDS)}"
+        assert (results[owner].action, results[owner].changed, results[owner].updated) == ("targeted", 1, 1)
+        assert all(r.action == "none" for s, r in results.items() if s != owner)
+        after = {n: kube.deployment(n, NAMESPACE).metadata.resource_version for n in names}
+        assert [n for n in names if after[n] != versions[n]] == ["sh-4"]
+        env_vars = {e.name: e.value for e in kube.deployment("sh-4", NAMESPACE).spec.template.spec.containers[0].env}
+        assert env_vars == {"CHANGED": "yes"}
+    finally:
+        runner.close()
+
+    # gco:shards changed to 2: every shard stack would now hold endpoints of other shards
+    resharded = runner_for(env, sharded, shards=2)
+    try:
+        refused = resharded.tick()
+        assert {r.action for r in refused} == {"refused"} and len(refused) == 2
+        assert all("pulumi state move" in r.message for r in refused), refused[0].message
+        assert resharded.operations == 0
+        assert {n: kube.deployment(n, NAMESPACE).metadata.resource_version for n in names} == after
+    finally:
+        resharded.close()
+
+    # clean up through the runner: every endpoint deleted, the deletion allowed explicitly
+    for n in names:
+        store.set_desired_state(n, "deleted", expected="running")
+    cleanup = runner_for(env, sharded, allow_mass_delete=True)
+    try:
+        done = cleanup.tick()
+        assert sum(r.deleted for r in done) >= len(names) * 3, [r.summary() for r in done]  # Deployment, Service, Ingress
+    finally:
+        cleanup.close()
+    assert all(kube.deployment(n, NAMESPACE) is None for n in names)
+    assert all(store.get(n)["region_status"]["local-1"]["state"] == "deleted" for n in names)
