@@ -2,16 +2,22 @@
 
 For each N: first full apply, a no-change tick, a one-endpoint change until the live Deployment
 shows it, and a full reconcile with refresh. Records seconds, Pulumi operations and DynamoDB calls
-per tick. Run: .venv/bin/python bench/runner_bench.py [--sizes 100,500,1000] [--out bench/RESULTS.md]
+per tick. Run: .venv/bin/python bench/runner_bench.py [--sizes 100,500,1000] [--shards 1,10]
+[--out bench/RESULTS.md]
+
+The tick right after the first apply re-reads the statuses the apply wrote; the no-change tick is
+the one after it (steady state: nothing written since the last tick).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,7 +34,7 @@ def endpoint(i: int, env_value: str = "1") -> dict:
             "spec": {"image": "example.com/org/server:1", "gpu_count": 0, "env": {"V": env_value}}}
 
 
-def measure(n: int, progress) -> dict:
+def measure(n: int, progress, shards: int = 1, table_stream: bool = True) -> dict:
     with tempfile.TemporaryDirectory(prefix="gco-bench-") as tmp:
         env = localenv.LocalEnv.load(Path(tmp))
         env.up(regions=("local-1",))
@@ -39,19 +45,25 @@ def measure(n: int, progress) -> dict:
                     w.put_item(Item=endpoint(i))
             s = settings_from_stack_file("local")
             s = with_local_overrides(s, str(env.kubeconfig("local-1")), env.dynamodb_endpoint, env.table)
-            runner = Runner([s], store, env.pulumi_env(), RunnerOptions(full_every=10**9))
+            s = replace(s, shards=shards)
+            runner = Runner([s], store, env.pulumi_env(),
+                            RunnerOptions(full_every=10**9, rescan_every=10**9, table_stream=table_stream))
             apps = client.AppsV1Api(env.kube("local-1"))
             row: dict = {"n": n}
 
             def tick(label: str, **kw):
                 ops, calls, t0 = runner.operations, store.calls, time.perf_counter()
-                res = runner.tick(**kw)[0]
-                row[label] = (time.perf_counter() - t0, runner.operations - ops, store.calls - calls, res.action)
-                progress(f"N={n} {label}: {row[label][0]:.2f}s, {row[label][1]} op(s), action {res.action}")
-                if res.action in ("failed", "refused"):
-                    raise RuntimeError(res.summary())
+                results = runner.tick(**kw)
+                actions = ",".join(sorted({r.action for r in results}))
+                row[label] = (time.perf_counter() - t0, runner.operations - ops, store.calls - calls, actions)
+                progress(f"N={n} shards={shards} {label}: {row[label][0]:.2f}s, {row[label][1]} op(s), "
+                         f"{row[label][2]} DynamoDB request(s), actions {actions}, table read: {runner.last_read}")
+                for res in results:
+                    if res.action in ("failed", "refused"):
+                        raise RuntimeError(res.summary())
 
             tick("first full apply")
+            tick("tick after apply")
             tick("no-change tick")
             target = f"bench-{n // 2:04d}"
             store.put_desired(endpoint(n // 2, "2"))
@@ -71,31 +83,31 @@ def measure(n: int, progress) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100,500,1000")
+    ap.add_argument("--shards", default="1",
+                    help="comma-separated gco:shards values to measure each N with (e.g. 1,10); 'auto' is "
+                         "one shard per 100 endpoints")
     ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
-    ap.add_argument("--checkpoints", choices=("on", "off", "both"), default="on",
+    ap.add_argument("--checkpoints", choices=("on", "off"), default="on",
                     help="on: the engine's default; off: PULUMI_SKIP_CHECKPOINTS=true (no intermediate "
-                         "file-backend checkpoints); both: measure each N both ways.")
+                         "file-backend checkpoints, faster first applies on the file backend).")
+    ap.add_argument("--no-table-stream", action="store_true", help="scan the whole table every tick")
     args = ap.parse_args()
+    if args.checkpoints == "off":
+        os.environ["PULUMI_SKIP_CHECKPOINTS"] = "true"
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
-        if args.checkpoints in ("on", "both"):
-            rows.append(measure(n, lambda s: print(s, flush=True)))
-        if args.checkpoints in ("off", "both"):
-            import os
-
-            os.environ["PULUMI_SKIP_CHECKPOINTS"] = "true"
-            try:
-                row = measure(n, lambda s: print("skip-checkpoints", s, flush=True))
-            finally:
-                del os.environ["PULUMI_SKIP_CHECKPOINTS"]
-            row["n"] = f"{n} (skip checkpoints)"
+        for shards in args.shards.split(","):
+            k = max(1, n // 100) if shards == "auto" else int(shards)
+            row = measure(n, lambda s: print(s, flush=True), shards=k, table_stream=not args.no_table_stream)
+            row["n"] = f"{n}, {k} shard{'s' if k > 1 else ''}"
             rows.append(row)
-    labels = ["first full apply", "no-change tick", "one-endpoint change", "full reconcile (refresh)"]
+    labels = ["first full apply", "tick after apply", "no-change tick", "one-endpoint change", "full reconcile (refresh)"]
     lines = [
-        f"# Runner benchmark ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {localenv.os.cpu_count()} cores)",
+        f"# Runner benchmark ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores)",
         "",
         "One region (stack `local`), real engine + provider + kube-apiserver + moto. Each cell: seconds / Pulumi",
         "operations / DynamoDB requests. 'one-endpoint change' is until the live Deployment shows the change.",
+        f"Checkpoints {args.checkpoints}; table stream {'off' if args.no_table_stream else 'on'}.",
         "",
         "| N | " + " | ".join(labels) + " |",
         "|---|" + "---|" * len(labels),

@@ -254,20 +254,26 @@ def build_runner(stacks: list[str], opts: Any, progress):
 @click.option("--max-delete-fraction", type=float, default=0.10, show_default=True, help="Deletion bound, as a fraction of a region's endpoints (all shards together).")
 @click.option("--max-delete-min", type=int, default=2, show_default=True, help="Deletion bound floor (endpoints).")
 @click.option("--parallel", type=int, default=1, show_default=True, help="Stacks operated at once (one process each).")
+@click.option("--table-stream/--no-table-stream", default=True, show_default=True, envvar="GCO_TABLE_STREAM",
+              help="When the table has a DynamoDB stream (any view type), re-read only the items written since "
+                   "the last tick instead of scanning the whole table; without a stream every tick scans.")
+@click.option("--rescan-every", type=float, default=300.0, show_default=True, envvar="GCO_RESCAN_EVERY",
+              help="Seconds between complete scans of the table even while following its stream.")
 @click.option("--liveness-port", type=int, default=None,
               help="Serve /healthz here: 200 while ticks complete (a tick may take up to --full-every).")
 @click.option("--metrics-port", type=int, default=None, envvar="GCO_METRICS_PORT",
               help="Serve Prometheus metrics on /metrics here: ticks by outcome, Pulumi operations, failures and "
                    "last success time per stack, operation durations. Off by default.")
 def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float, full: bool, allow_mass_delete: bool,
-        max_delete_fraction: float, max_delete_min: int, parallel: int, liveness_port: int | None,
-        metrics_port: int | None) -> None:
+        max_delete_fraction: float, max_delete_min: int, parallel: int, table_stream: bool, rescan_every: float,
+        liveness_port: int | None, metrics_port: int | None) -> None:
     """Apply the regional stacks from the table: nothing when nothing changed, targeted updates for a few
     changed endpoints, a full `up --refresh` periodically."""
     from .runner import EXIT_CONFIG, EXIT_STORE, RunnerOptions, exit_code
 
     opts = RunnerOptions(full_every=full_every, allow_mass_delete=allow_mass_delete, parallel=parallel,
-                         max_delete_fraction=max_delete_fraction, max_delete_min=max_delete_min)
+                         max_delete_fraction=max_delete_fraction, max_delete_min=max_delete_min,
+                         table_stream=table_stream, rescan_every=rescan_every)
     try:
         runner = build_runner(_stacks_for(stacks), opts, progress=lambda s: log.info("progress", msg=s))
     except ProgramError as exc:
@@ -308,6 +314,8 @@ def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float,
                          seconds=round(r.seconds, 2), errors=r.endpoint_errors or None)
             if results:
                 code = exit_code(results)
+                log.info("tick", table_read=runner.last_read, seconds=round(time.monotonic() - started, 2),
+                         operations=sum(r.operations for r in results))
             if metrics is not None:
                 from .metrics import OUTCOMES
 

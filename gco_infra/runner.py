@@ -23,7 +23,7 @@ from .component import TYPE as COMPONENT_TYPE
 from .component import TYPE_TOKENS
 from .endpoint import Endpoint, Validated, validate_all
 from .program import PROJECT_ROOT, ProgramError, StackSettings, owned, previous_records_from_outputs, shard_settings
-from .store import EndpointStore, StoreError, utcnow
+from .store import EndpointStore, StoreError, TableCache, utcnow
 
 PROJECT = "gco-infra"
 _STACKS: dict[tuple[str, str, str], Any] = {}
@@ -45,6 +45,11 @@ class RunnerOptions:
     parallel: int = 1
     """Stacks operated at once (each in its own process)."""
     pulumi_parallel: int = 32
+    table_stream: bool = True
+    """Follow the table's stream (when it has one) and re-read only the items written since the
+    last read; without it (or without a stream) every tick scans the whole table."""
+    rescan_every: float = 300.0
+    """Seconds between complete scans even when following the stream."""
 
 
 @dataclass
@@ -115,8 +120,10 @@ def applied_fingerprints(outputs: Mapping[str, Any] | None) -> dict[str, str]:
 
 
 def plan_stack(settings: StackSettings, validated: Validated, outputs: Mapping[str, Any] | None, *,
-               full_due: bool, opts: RunnerOptions) -> Plan:
-    desired = desired_for_region(validated, settings)
+               full_due: bool, opts: RunnerOptions, desired: dict[str, str] | None = None) -> Plan:
+    """What this tick does to one stack. ``desired``: desired_for_region(validated, settings), if known."""
+    if desired is None:
+        desired = desired_for_region(validated, settings)
     applied = applied_fingerprints(outputs)
     plan = Plan(stack=settings.stack, region=settings.region, desired=desired,
                 invalid={k: v for k, v in validated.invalid.items()})
@@ -468,6 +475,9 @@ class Runner:
         self.progress = progress
         self.operations = 0
         self._pool: ProcessPoolExecutor | None = None
+        self._cache: TableCache | None = None
+        self._memo: dict[Any, Any] = {}
+        """Validation and fingerprints of the current table generation (reused while nothing is written)."""
 
     def close(self) -> None:
         if self._pool:
@@ -509,9 +519,29 @@ class Runner:
                 continue
         return False
 
+    def read_table(self) -> tuple[list[dict[str, Any]], Any]:
+        """Every item (complete, or StoreError) and a token that changes when the items may have."""
+        if not self.opts.table_stream:
+            return self.store.list_endpoints(), object()
+        if self._cache is None or self._cache.store is not self.store:
+            self._cache = TableCache(self.store, rescan_every=self.opts.rescan_every)
+        items = self._cache.read()
+        return items, (id(self._cache), self._cache.generation)
+
+    @property
+    def last_read(self) -> str:
+        return self._cache.last_read if self._cache and self.opts.table_stream else "scan"
+
+    def _memoized(self, generation: Any, key: Any, compute: Callable[[], Any]) -> Any:
+        if self._memo.get("generation") != generation:
+            self._memo = {"generation": generation}
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
     def tick(self, *, force_full: bool = False) -> list[StackResult]:
         """One pass over all stacks. StoreError propagates before any Pulumi operation."""
-        items = self.store.list_endpoints()
+        items, generation = self.read_table()
         by_name = {i.get("endpoint_name"): i for i in items if isinstance(i, Mapping)}
         now = time.monotonic()
         results: list[StackResult] = []
@@ -539,7 +569,6 @@ class Runner:
             except ProgramError as exc:
                 guard_errors[guard.settings.stack] = str(exc)
         blocked = {**misplaced_endpoints([*self.guards.values(), *self.states.values()]), **guard_errors}
-        validations: dict[tuple[str, ...], Validated] = {}
         planned: list[tuple[StackState, Plan, Validated]] = []
         for state in ready:
             if state.settings.region_stack in blocked:
@@ -548,11 +577,13 @@ class Runner:
                                            message=blocked[state.settings.region_stack]))
                 continue
             namespaces = state.settings.allowed_namespaces
-            if namespaces not in validations:
-                validations[namespaces] = validate_all(items, allowed_namespaces=namespaces)
-            validated = owned(validations[namespaces], state.settings)
+            everything = self._memoized(generation, namespaces, lambda: validate_all(items, allowed_namespaces=namespaces))
+            validated = self._memoized(generation, ("owned", state.settings.stack), lambda: owned(everything, state.settings))
+            desired = self._memoized(generation, ("desired", state.settings.stack),
+                                     lambda: desired_for_region(validated, state.settings))
             full_due = force_full or (now - state.last_full >= self.opts.full_every if state.last_full else True)
-            plan = plan_stack(state.settings, validated, state.outputs, full_due=full_due, opts=self.opts)
+            plan = plan_stack(state.settings, validated, state.outputs, full_due=full_due, opts=self.opts,
+                              desired=desired)
             planned.append((state, plan, validated))
         bound_sharded_regions([(state.settings, plan) for state, plan, _ in planned], self.opts)
         for state, plan, validated in planned:

@@ -8,6 +8,7 @@ conditional: no lost updates, no resurrected items.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -20,6 +21,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 DEFAULT_TABLE = "gco-inference-endpoints"
 MAX_PAGES = 100_000
+BATCH_GET = 100
+MAX_UNPROCESSED_RETRIES = 8
 
 
 class StoreError(RuntimeError):
@@ -78,6 +81,8 @@ class EndpointStore:
     def __init__(self, config: StoreConfig, *, session: boto3.session.Session | None = None) -> None:
         self.config = config
         session = session or boto3.session.Session()
+        self._session = session
+        self._streams_client: Any = None
         self._client = session.client(
             "dynamodb", region_name=config.region or "us-east-1", endpoint_url=config.endpoint_url,
             config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=30),
@@ -121,6 +126,95 @@ class EndpointStore:
             return self._table.get_item(Key={"endpoint_name": name}, ConsistentRead=True).get("Item")
         except (ClientError, BotoCoreError) as exc:
             raise StoreError(f'reading endpoint "{name}" failed: {exc}') from exc
+
+    def get_many(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        """The items of ``names`` that exist, consistent reads, all of them or StoreError."""
+        found: dict[str, dict[str, Any]] = {}
+        client = self._table.meta.client  # the resource's client: Python values, as scans return
+        for start in range(0, len(names), BATCH_GET):
+            keys: dict[str, Any] = {self.config.table: {
+                "Keys": [{"endpoint_name": n} for n in names[start:start + BATCH_GET]], "ConsistentRead": True}}
+            for attempt in range(MAX_UNPROCESSED_RETRIES):
+                try:
+                    self.calls += 1
+                    out = client.batch_get_item(RequestItems=keys)
+                except (ClientError, BotoCoreError) as exc:
+                    raise StoreError(f"reading table {self.config.table} failed: {exc}") from exc
+                for got in out.get("Responses", {}).get(self.config.table, []):
+                    found[got["endpoint_name"]] = got
+                keys = out.get("UnprocessedKeys") or {}
+                if not keys:
+                    break
+                time.sleep(min(0.05 * 2 ** attempt, 2.0))
+            else:
+                raise StoreError(f"reading table {self.config.table}: keys still unprocessed after "
+                                 f"{MAX_UNPROCESSED_RETRIES} attempts")
+        return found
+
+    # ---- change feed (DynamoDB Streams) -----------------------------------------------------------
+
+    @property
+    def _streams(self) -> Any:
+        if self._streams_client is None:
+            self._streams_client = self._session.client(
+                "dynamodbstreams", region_name=self.config.region or "us-east-1", endpoint_url=self.config.endpoint_url,
+                config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=30))
+        return self._streams_client
+
+    def stream_arn(self) -> str | None:
+        """The table's current stream, or None when it has none enabled."""
+        try:
+            self.calls += 1
+            table = self._client.describe_table(TableName=self.config.table)["Table"]
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreError(f"describing table {self.config.table} failed: {exc}") from exc
+        if not (table.get("StreamSpecification") or {}).get("StreamEnabled"):
+            return None
+        return table.get("LatestStreamArn")
+
+    def open_shard_positions(self, arn: str) -> dict[str, str]:
+        """Shard id -> an iterator just past its newest record, for every open shard of the stream."""
+        shards: list[dict[str, Any]] = []
+        start: str | None = None
+        for _ in range(MAX_PAGES):
+            kwargs: dict[str, Any] = {"StreamArn": arn}
+            if start:
+                kwargs["ExclusiveStartShardId"] = start
+            self.calls += 1
+            desc = self._streams.describe_stream(**kwargs)["StreamDescription"]
+            shards += desc.get("Shards", [])
+            start = desc.get("LastEvaluatedShardId")
+            if not start:
+                break
+        positions = {}
+        for shard in shards:
+            if "EndingSequenceNumber" in shard.get("SequenceNumberRange", {}):
+                continue  # closed: its records are older than the scan that follows
+            self.calls += 1
+            positions[shard["ShardId"]] = self._streams.get_shard_iterator(
+                StreamArn=arn, ShardId=shard["ShardId"], ShardIteratorType="LATEST")["ShardIterator"]
+        return positions
+
+    def changed_keys(self, iterator: str, limit: int) -> tuple[set[str], str | None, bool]:
+        """Keys written since ``iterator``: (keys, next iterator or None if the shard closed, more left).
+
+        Reads at most ``limit`` keys' worth of records; ``more left`` says the caller stopped early.
+        """
+        keys: set[str] = set()
+        for _ in range(MAX_PAGES):
+            self.calls += 1
+            out = self._streams.get_records(ShardIterator=iterator, Limit=1000)
+            records = out.get("Records", [])
+            for record in records:
+                key = (record.get("dynamodb") or {}).get("Keys", {}).get("endpoint_name", {}).get("S")
+                if key is not None:
+                    keys.add(key)
+            iterator = out.get("NextShardIterator")
+            if not records or iterator is None:
+                return keys, iterator, False
+            if len(keys) > limit:
+                return keys, iterator, True
+        return keys, iterator, True
 
     # ---- conditional writes ------------------------------------------------------------------------
 
@@ -210,19 +304,124 @@ class EndpointStore:
 
     # ---- table management (local environment, tests) ----------------------------------------
 
-    def create_table(self) -> None:
-        """Create the table with the platform's key schema if it does not exist."""
+    def create_table(self, *, stream: bool = True) -> None:
+        """Create the table with the platform's key schema if it does not exist.
+
+        ``stream``: with a keys-only stream, which lets runners skip reading the whole table when
+        nothing was written (see TableCache).
+        """
+        extra: dict[str, Any] = {}
+        if stream:
+            extra["StreamSpecification"] = {"StreamEnabled": True, "StreamViewType": "KEYS_ONLY"}
         try:
             self._client.create_table(
                 TableName=self.config.table, BillingMode="PAY_PER_REQUEST",
                 AttributeDefinitions=[{"AttributeName": "endpoint_name", "AttributeType": "S"}],
-                KeySchema=[{"AttributeName": "endpoint_name", "KeyType": "HASH"}],
+                KeySchema=[{"AttributeName": "endpoint_name", "KeyType": "HASH"}], **extra,
             )
             self._client.get_waiter("table_exists").wait(TableName=self.config.table,
                                                          WaiterConfig={"Delay": 1, "MaxAttempts": 30})
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "ResourceInUseException":
                 raise StoreError(f"creating table {self.config.table} failed: {exc}") from exc
+
+
+class TableCache:
+    """Every item of the table, re-read only where the table's stream says something was written.
+
+    A complete scan (``EndpointStore.list_endpoints``) is the source of truth. Before it, the cache
+    takes a position just past the newest record of every open shard of the table's stream; each
+    later ``read`` collects the keys written since (any writer, this runner's own status writes
+    included) and re-reads just those items, consistently. Everything else falls back to a fresh
+    complete scan: no stream on the table (or a different one than before), a shard that closed,
+    an expired or trimmed iterator, any stream error, more than ``max_changed`` keys written, or
+    ``rescan_every`` seconds since the last scan. A failed scan or re-read raises StoreError, as
+    ``list_endpoints`` does; the cache never returns part of the table.
+    """
+
+    def __init__(self, store: EndpointStore, *, rescan_every: float = 300.0, max_changed: int = 100,
+                 clock: Any = time.monotonic) -> None:
+        self.store = store
+        self.rescan_every = rescan_every
+        self.max_changed = max_changed
+        self.clock = clock
+        self._items: dict[str, dict[str, Any]] | None = None
+        self._arn: str | None = None
+        self._positions: dict[str, str] = {}
+        self._scanned_at = 0.0
+        self.scans = 0
+        self.generation = 0
+        """Changes whenever the returned items may differ from the previous read's."""
+        self.last_read = ""
+        """How the last read was served: 'scan (<why>)', 'stream, no writes' or 'stream, N re-read'."""
+
+    def read(self) -> list[dict[str, Any]]:
+        why = self._why_rescan()
+        if why is None:
+            try:
+                why = self._follow_stream()
+            except (ClientError, BotoCoreError) as exc:
+                why = f"stream read failed ({exc.__class__.__name__})"
+        if why is not None:
+            self._rescan(why)
+        assert self._items is not None
+        return [self._items[k] for k in sorted(self._items)]
+
+    def invalidate(self) -> None:
+        """The next read scans the whole table."""
+        self._items = None
+
+    def _why_rescan(self) -> str | None:
+        if self._items is None:
+            return "first read"
+        if self.clock() - self._scanned_at >= self.rescan_every:
+            return "periodic"
+        if self._arn is None:
+            return "table has no stream"
+        if self.store.stream_arn() != self._arn:  # disabled, or re-enabled as a new stream
+            return "table stream changed"
+        return None
+
+    def _follow_stream(self) -> str | None:
+        assert self._items is not None
+        keys: set[str] = set()
+        for shard, iterator in list(self._positions.items()):
+            got, following, more = self.store.changed_keys(iterator, self.max_changed - len(keys))
+            keys |= got
+            if following is None:
+                return "a stream shard closed"
+            self._positions[shard] = following
+            if more or len(keys) > self.max_changed:
+                return f"more than {self.max_changed} items written"
+        if keys:
+            found = self.store.get_many(sorted(keys))
+            self.generation += 1
+            for key in keys:
+                if key in found:
+                    self._items[key] = found[key]
+                else:
+                    self._items.pop(key, None)
+            self.last_read = f"stream, {len(keys)} re-read"
+        else:
+            self.last_read = "stream, no writes"
+        return None
+
+    def _rescan(self, why: str) -> None:
+        self._items = None
+        arn = self.store.stream_arn()
+        positions: dict[str, str] = {}
+        if arn is not None:
+            try:
+                positions = self.store.open_shard_positions(arn)
+            except (ClientError, BotoCoreError):
+                arn = None  # scan every tick until the stream can be followed again
+        started = self.clock()
+        items = self.store.list_endpoints()  # StoreError propagates: nothing cached, nothing returned
+        self._items = {i["endpoint_name"]: i for i in items}  # the table's key: every item has one
+        self._arn, self._positions, self._scanned_at = arn, positions, started
+        self.scans += 1
+        self.generation += 1
+        self.last_read = f"scan ({why})"
 
 
 plain = _plain
