@@ -241,7 +241,7 @@ def build_runner(stacks: list[str], opts: Any, progress):
 
 
 @main.command("run")
-@click.option("--once", is_flag=True, help="One tick, then exit with a meaningful code (0 ok, 1 failed, 3 table unreadable, 4 deletion refused, 75 locked).")
+@click.option("--once", is_flag=True, help="One tick, then exit with a meaningful code (0 ok, 1 failed, 3 table unreadable, 4 refused: mass deletion or misplaced shard endpoints, 75 locked or waiting for another runner).")
 @click.option("--stack", "stacks", multiple=True,
               help="Region stack to drive, as named by stacks/Pulumi.<stack>.yaml (repeatable). A region with "
                    "gco:shards=K is applied as its K shard stacks <stack>.shard-0 .. <stack>.shard-K-1. "
@@ -319,7 +319,8 @@ def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float,
             if metrics is not None:
                 from .metrics import OUTCOMES
 
-                metrics.observe(results, time.monotonic() - started, OUTCOMES.get(code, "failed"))
+                metrics.observe(results, time.monotonic() - started, OUTCOMES.get(code, "failed"),
+                                table_read=runner.last_read if results else "")
             last_tick["at"] = time.time()
             first = False
             if once or stop["now"]:
@@ -363,8 +364,21 @@ def preview(stacks: tuple[str, ...], markdown: bool, as_json: bool, refresh: boo
         items = runner.store.list_endpoints()
     except StoreError as exc:
         raise click.ClickException(f"{exc}; no preview without a complete read of the table") from exc
+    from .preview import StackPreview
+
+    try:
+        for state in runner.states.values():
+            runner.load_outputs(state)
+        misplaced, unknown = runner.check_regions()
+    except ProgramError as exc:
+        raise click.ClickException(str(exc)) from exc
+    blocked = {**unknown, **misplaced}
     previews = []
     for state in runner.states.values():
+        if state.settings.region_stack in blocked:  # `run` would not apply it either
+            previews.append(StackPreview(stack=state.settings.stack, region=state.settings.region,
+                                         error=blocked[state.settings.region_stack]))
+            continue
         console.print(f"[cyan]preview[/] {state.settings.stack} ({state.settings.region})")
         previews.append(preview_stack(state.settings, items, runner.env, refresh=refresh))
     text = render_json(previews) if as_json else render_markdown(previews)

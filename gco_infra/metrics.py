@@ -43,10 +43,15 @@ class RunnerMetrics:
                                            ["stack", "kind"], buckets=_OPERATION_BUCKETS, registry=r)
         self.tick_seconds = Histogram("gco_runner_tick_seconds", "Duration of whole ticks.",
                                       buckets=_OPERATION_BUCKETS, registry=r)
+        self.table_reads = Counter("gco_runner_table_reads", "How ticks read the table: scan (the whole table) or "
+                                   "stream (only the items its stream says were written).", ["mode"], registry=r)
 
-    def observe(self, results: Iterable[StackResult], seconds: float, outcome: str) -> None:
-        """Record one tick: its stack results, its duration and its outcome."""
+    def observe(self, results: Iterable[StackResult], seconds: float, outcome: str, table_read: str = "") -> None:
+        """Record one tick: its stack results, its duration, its outcome and how it read the table
+        (Runner.last_read, e.g. 'scan (periodic)' or 'stream, no writes')."""
         now = time.time()
+        if table_read:
+            self.table_reads.labels(table_read.split(" ", 1)[0].rstrip(",")).inc()
         for res in results:
             self.stack_ticks.labels(res.stack, res.action).inc()
             kind = res.action if res.action in ("targeted", "full") else "failed" if res.operations else None

@@ -180,10 +180,13 @@ def settings_from_stack_file(stack: str, root: Path = PROJECT_ROOT) -> StackSett
     import yaml
 
     path = root / "stacks" / f"Pulumi.{stack}.yaml"
+    match = _SHARD_STACK.match(stack)
+    if match and (root / "stacks" / f"Pulumi.{match['base']}.yaml").exists():
+        # the engine may have written this shard's file (its secrets salt); the config is the region's
+        raise ProgramError(f"stack {stack} is a shard of region stack {match['base']}: name {match['base']}, "
+                           "which applies all of its shards")
     if not path.exists():
-        match = _SHARD_STACK.match(stack)
-        hint = f" (a shard stack: name its region stack, {match['base']})" if match else ""
-        raise ProgramError(f"stack {stack}: {path} does not exist{hint}")
+        raise ProgramError(f"stack {stack}: {path} does not exist")
     config = (yaml.safe_load(path.read_text()) or {}).get("config") or {}
     values = {k.split(":", 1)[1]: v for k, v in config.items() if k.startswith("gco:")}
     values["aws:region"] = config.get("aws:region")

@@ -155,11 +155,14 @@ def removal_refusal(where: str, removed: int, applied: int, opts: RunnerOptions)
             "re-run with --allow-mass-delete if this is intended")
 
 
-def bound_sharded_regions(plans: list[tuple[StackSettings, Plan]], opts: RunnerOptions) -> None:
+def bound_sharded_regions(plans: list[tuple[StackSettings, Plan]], opts: RunnerOptions,
+                          shards: Mapping[str, int] | None = None) -> None:
     """Apply the mass-deletion bound to a sharded region as a whole, not per shard.
 
     Per shard, the minimum of the bound would let each of k shards remove that many endpoints. When
     the region exceeds the bound, every shard of it is refused, as an unsharded stack would be.
+    ``shards``: region stack -> gco:shards; while some shard of a region was not planned this tick
+    (locked, unreadable), the others remove nothing, so removals cannot be split across ticks.
     """
     regions: dict[str, list[Plan]] = {}
     for settings, plan in plans:
@@ -169,6 +172,13 @@ def bound_sharded_regions(plans: list[tuple[StackSettings, Plan]], opts: RunnerO
         removed = sum(len(p.removed) for p in shard_plans)
         applied = sum(p.applied for p in shard_plans)
         refusal = removal_refusal(f"{region_stack} (all its shards)", removed, applied, opts)
+        expected = (shards or {}).get(region_stack, len(shard_plans))
+        if refusal is None and removed and len(shard_plans) < expected and not opts.allow_mass_delete:
+            waiting = (f"not removing {removed} endpoint(s) from {region_stack} this tick: only {len(shard_plans)} of "
+                       f"its {expected} shards could be planned, so the region's deletion bound cannot be checked")
+            for p in shard_plans:
+                p.refused = waiting if p.removed else None
+            continue
         for p in shard_plans:
             p.refused = refusal
 
@@ -439,7 +449,7 @@ class StackState:
 
 
 def misplaced_endpoints(states: Iterable["StackState"]) -> dict[str, str]:
-    """Region stack -> why its shards cannot run: endpoints applied in a stack they do not belong to.
+    """Region stack -> why it cannot run: endpoints applied in a stack they do not belong to.
 
     That happens when gco:shards changes, or when a region stack was sharded while it still held
     endpoints. Applying anyway would create objects another stack owns (and later delete them), so
@@ -450,23 +460,42 @@ def misplaced_endpoints(states: Iterable["StackState"]) -> dict[str, str]:
         s = state.settings
         endpoints = ((state.outputs or {}).get("endpoints") or {}) if state.outputs_loaded else {}
         wrong = sorted(n for n in endpoints if not s.owns(n))
-        if wrong:
+        if not wrong:
+            continue
+        names = ", ".join(wrong[:5]) + (", ..." if len(wrong) > 5 else "")
+        if s.shard == -1:
             problems.setdefault(s.region_stack, []).append(
-                f"{s.stack} holds {len(wrong)} endpoint(s) of other shards ({', '.join(wrong[:5])}"
-                f"{', ...' if len(wrong) > 5 else ''})")
-    return {base: "; ".join(p) + f"; gco:shards of {base} changed? move them with `pulumi state move` or restore it"
+                f"stack {s.stack} is not part of region {s.region_stack} at gco:shards={s.shards} but holds "
+                f"{len(wrong)} endpoint(s) ({names})")
+        else:
+            problems.setdefault(s.region_stack, []).append(
+                f"stack {s.stack} holds {len(wrong)} endpoint(s) of other shards ({names})")
+    return {base: "; ".join(p) + f". Move them into the stacks that own them now (`pulumi state move`), or restore "
+                                 f"the previous gco:shards of {base}; until then {base} is not applied"
             for base, p in problems.items()}
+
+
+def stale_stacks(region: StackSettings, existing: Iterable[str]) -> list[str]:
+    """Stacks of the region that gco:shards does not use: the unsharded region stack when sharded,
+    and shard stacks beyond gco:shards (or any, when not sharded)."""
+    used = {s.stack for s in shard_settings(region)}
+    prefix = f"{region.stack}.shard-"
+    out = [name for name in existing if name.startswith(prefix) and name[len(prefix):].isdigit() and name not in used]
+    if region.shards > 1:
+        out.append(region.stack)
+    return sorted(out)
 
 
 class Runner:
     def __init__(self, stacks: list[StackSettings], store: EndpointStore, env: Mapping[str, str],
                  opts: RunnerOptions = RunnerOptions(), progress: Callable[[str], None] = lambda s: None) -> None:
         self.states: dict[str, StackState] = {}
+        self.regions = {region.stack: region for region in stacks}
         self.guards: dict[str, StackState] = {}
-        """Sharded regions' own stacks: never operated, but they must hold no endpoint."""
+        """Stacks of a region that gco:shards does not use (see stale_stacks): never operated, and
+        they must hold no endpoint. Found on the first tick and whenever a region is blocked."""
+        self._guards_found = False
         for region in stacks:
-            if region.shards > 1:
-                self.guards[region.stack] = StackState(settings=replace(region, shard=-1))  # owns nothing
             for s in shard_settings(region):
                 self.states[s.stack] = StackState(settings=s)
         self.store = store
@@ -484,7 +513,7 @@ class Runner:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-    def _load_outputs(self, state: StackState) -> None:
+    def load_outputs(self, state: StackState) -> None:
         """The stack's outputs, read once; later ticks use what the last operation returned."""
         if state.outputs_loaded:
             return
@@ -503,6 +532,23 @@ class Runner:
                 last = exc
                 time.sleep(0.5 * (attempt + 1))
         raise ProgramError(f"reading outputs of stack {state.settings.stack} failed: {_engine_message(str(last))}")
+
+    def _find_guards(self) -> None:
+        from pulumi import automation as auto
+
+        os.environ.update(self.env)
+        try:
+            ws = auto.LocalWorkspace(work_dir=str(PROJECT_ROOT), env_vars=self.env)
+            existing = {s.name for s in ws.list_stacks()}
+        except auto.CommandError as exc:
+            raise ProgramError(f"listing stacks failed: {_engine_message(str(exc))}") from exc
+        guards: dict[str, StackState] = {}
+        for region in self.regions.values():
+            for name in stale_stacks(region, existing):
+                old = self.guards.get(name)
+                guards[name] = old if old is not None else StackState(settings=replace(region, stack=name, shard=-1))
+        self.guards = guards
+        self._guards_found = True
 
     def _locked_by_other(self, stack: str) -> bool:
         """A live lock on a file backend: skip before reading a checkpoint that is being rewritten."""
@@ -539,6 +585,34 @@ class Runner:
             self._memo[key] = compute()
         return self._memo[key]
 
+    def check_regions(self) -> tuple[dict[str, str], dict[str, str]]:
+        """Regions that must not be applied now: (misplaced endpoints, outputs not known), by region stack."""
+        if not self._guards_found:
+            self._find_guards()
+        # A region whose stacks' outputs are not all known cannot be checked for misplaced endpoints.
+        unknown: dict[str, str] = {}
+        for guard in self.guards.values():
+            if self._locked_by_other(guard.settings.stack):
+                unknown.setdefault(guard.settings.region_stack, f"stack {guard.settings.stack} is locked by another update")
+                continue
+            try:
+                self.load_outputs(guard)
+            except ProgramError as exc:
+                unknown.setdefault(guard.settings.region_stack, str(exc))
+        for state in self.states.values():
+            if state.settings.region_stack in {g.settings.region_stack for g in self.guards.values()} or \
+                    state.settings.shard is not None:
+                if not state.outputs_loaded:
+                    unknown.setdefault(state.settings.region_stack,
+                                       f"the outputs of stack {state.settings.stack} are not known yet")
+        misplaced = misplaced_endpoints([*self.guards.values(), *self.states.values()])
+        if misplaced or unknown:
+            self._guards_found = False  # look again next tick: stacks may have been moved or removed
+            for state in [*self.guards.values(), *self.states.values()]:
+                if state.settings.region_stack in misplaced:
+                    state.outputs_loaded = False
+        return misplaced, unknown
+
     def tick(self, *, force_full: bool = False) -> list[StackResult]:
         """One pass over all stacks. StoreError propagates before any Pulumi operation."""
         items, generation = self.read_table()
@@ -553,28 +627,23 @@ class Runner:
                                            message="stack is locked by another update; skipped this tick"))
                 continue
             try:
-                self._load_outputs(state)
+                self.load_outputs(state)
             except ProgramError as exc:
                 results.append(StackResult(stack=state.settings.stack, region=state.settings.region, action="failed",
                                            message=str(exc)))
                 continue
             ready.append(state)
-        guard_errors: dict[str, str] = {}
-        for guard in self.guards.values():
-            if self._locked_by_other(guard.settings.stack):
-                guard_errors[guard.settings.stack] = f"stack {guard.settings.stack} is locked; its shards wait"
-                continue
-            try:
-                self._load_outputs(guard)
-            except ProgramError as exc:
-                guard_errors[guard.settings.stack] = str(exc)
-        blocked = {**misplaced_endpoints([*self.guards.values(), *self.states.values()]), **guard_errors}
+        misplaced, unknown = self.check_regions()
         planned: list[tuple[StackState, Plan, Validated]] = []
         for state in ready:
-            if state.settings.region_stack in blocked:
-                state.outputs_loaded = False  # re-read next tick: someone may have moved the endpoints
+            region_stack = state.settings.region_stack
+            if region_stack in misplaced:
                 results.append(StackResult(stack=state.settings.stack, region=state.settings.region, action="refused",
-                                           message=blocked[state.settings.region_stack]))
+                                           message=misplaced[region_stack]))
+                continue
+            if region_stack in unknown:
+                results.append(StackResult(stack=state.settings.stack, region=state.settings.region, action="skipped",
+                                           message=f"region {region_stack} waits: {unknown[region_stack]}"))
                 continue
             namespaces = state.settings.allowed_namespaces
             everything = self._memoized(generation, namespaces, lambda: validate_all(items, allowed_namespaces=namespaces))
@@ -585,7 +654,8 @@ class Runner:
             plan = plan_stack(state.settings, validated, state.outputs, full_due=full_due, opts=self.opts,
                               desired=desired)
             planned.append((state, plan, validated))
-        bound_sharded_regions([(state.settings, plan) for state, plan, _ in planned], self.opts)
+        bound_sharded_regions([(state.settings, plan) for state, plan, _ in planned], self.opts,
+                              shards={name: region.shards for name, region in self.regions.items()})
         for state, plan, validated in planned:
             if plan.refused:
                 res = StackResult(stack=plan.stack, region=plan.region, action="refused", message=plan.refused)

@@ -172,8 +172,12 @@ class EndpointStore:
             return None
         return table.get("LatestStreamArn")
 
-    def open_shard_positions(self, arn: str) -> dict[str, str]:
-        """Shard id -> an iterator just past its newest record, for every open shard of the stream."""
+    def open_shard_positions(self, arn: str) -> dict[str, str] | None:
+        """Shard id -> an iterator just past its newest record, for every open shard of the stream.
+
+        None when the shard list cannot be trusted to cover every write from now on: no open shard,
+        or a closed shard whose successor is not listed yet (a shard rollover in progress).
+        """
         shards: list[dict[str, Any]] = []
         start: str | None = None
         for _ in range(MAX_PAGES):
@@ -186,6 +190,10 @@ class EndpointStore:
             start = desc.get("LastEvaluatedShardId")
             if not start:
                 break
+        parents = {shard.get("ParentShardId") for shard in shards}
+        closed = [sh["ShardId"] for sh in shards if "EndingSequenceNumber" in sh.get("SequenceNumberRange", {})]
+        if len(closed) == len(shards) or any(c not in parents for c in closed):
+            return None
         positions = {}
         for shard in shards:
             if "EndingSequenceNumber" in shard.get("SequenceNumberRange", {}):
@@ -326,6 +334,14 @@ class EndpointStore:
                 raise StoreError(f"creating table {self.config.table} failed: {exc}") from exc
 
 
+def _error_text(exc: Exception) -> str:
+    """A short reason for logs: the service's error code and message, or the exception's text."""
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        return f"{err.get('Code', 'error')}: {err.get('Message', '')}"[:200]
+    return f"{exc.__class__.__name__}: {exc}"[:200]
+
+
 class TableCache:
     """Every item of the table, re-read only where the table's stream says something was written.
 
@@ -349,6 +365,7 @@ class TableCache:
         self._arn: str | None = None
         self._positions: dict[str, str] = {}
         self._scanned_at = 0.0
+        self._no_stream = "table has no stream"
         self.scans = 0
         self.generation = 0
         """Changes whenever the returned items may differ from the previous read's."""
@@ -361,23 +378,27 @@ class TableCache:
             try:
                 why = self._follow_stream()
             except (ClientError, BotoCoreError) as exc:
-                why = f"stream read failed ({exc.__class__.__name__})"
+                why = f"stream read failed: {_error_text(exc)}"
+            except StoreError:
+                self.invalidate()  # the keys read from the stream are not applied: scan next time
+                raise
         if why is not None:
             self._rescan(why)
         assert self._items is not None
         return [self._items[k] for k in sorted(self._items)]
 
-    def invalidate(self) -> None:
+    def invalidate(self, why: str = "the previous read failed") -> None:
         """The next read scans the whole table."""
         self._items = None
+        self._invalid = why
 
     def _why_rescan(self) -> str | None:
         if self._items is None:
-            return "first read"
+            return getattr(self, "_invalid", "first read")
         if self.clock() - self._scanned_at >= self.rescan_every:
             return "periodic"
         if self._arn is None:
-            return "table has no stream"
+            return self._no_stream
         if self.store.stream_arn() != self._arn:  # disabled, or re-enabled as a new stream
             return "table stream changed"
         return None
@@ -385,14 +406,16 @@ class TableCache:
     def _follow_stream(self) -> str | None:
         assert self._items is not None
         keys: set[str] = set()
-        for shard, iterator in list(self._positions.items()):
+        positions = dict(self._positions)
+        for shard, iterator in self._positions.items():
             got, following, more = self.store.changed_keys(iterator, self.max_changed - len(keys))
             keys |= got
             if following is None:
                 return "a stream shard closed"
-            self._positions[shard] = following
+            positions[shard] = following
             if more or len(keys) > self.max_changed:
                 return f"more than {self.max_changed} items written"
+        # the new positions hold only once the written items are re-read (a failure keeps the old)
         if keys:
             found = self.store.get_many(sorted(keys))
             self.generation += 1
@@ -404,21 +427,29 @@ class TableCache:
             self.last_read = f"stream, {len(keys)} re-read"
         else:
             self.last_read = "stream, no writes"
+        self._positions = positions
         return None
 
     def _rescan(self, why: str) -> None:
         self._items = None
         arn = self.store.stream_arn()
-        positions: dict[str, str] = {}
+        positions: dict[str, str] | None = {}
+        self._no_stream = "table has no stream"
         if arn is not None:
             try:
                 positions = self.store.open_shard_positions(arn)
-            except (ClientError, BotoCoreError):
+            except (ClientError, BotoCoreError) as exc:
+                positions = None
+                self._no_stream = f"table stream unreadable: {_error_text(exc)}"
+            if positions is None:
                 arn = None  # scan every tick until the stream can be followed again
+                if self._no_stream == "table has no stream":
+                    self._no_stream = "table stream shards are changing"
         started = self.clock()
         items = self.store.list_endpoints()  # StoreError propagates: nothing cached, nothing returned
         self._items = {i["endpoint_name"]: i for i in items}  # the table's key: every item has one
-        self._arn, self._positions, self._scanned_at = arn, positions, started
+        self._arn, self._positions, self._scanned_at = arn, positions or {}, started
+        self._invalid = "first read"
         self.scans += 1
         self.generation += 1
         self.last_read = f"scan ({why})"

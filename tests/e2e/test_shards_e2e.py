@@ -95,6 +95,15 @@ def test_sharded_region_applies_each_endpoint_in_its_own_shard_only(env, sharded
         assert {n: kube.deployment(n, NAMESPACE).metadata.resource_version for n in names} == after
     finally:
         resharded.close()
+    # back to one stack: the region stack would apply everything the shard stacks still hold
+    unsharded = runner_for(env, sharded, shards=1)
+    try:
+        refused = unsharded.tick()
+        assert [(r.stack, r.action) for r in refused] == [("sharded", "refused")]
+        assert "stack sharded.shard-2 is not part of region sharded at gco:shards=1" in refused[0].message
+        assert unsharded.operations == 0
+    finally:
+        unsharded.close()
 
     # clean up through the runner: every endpoint deleted, the deletion allowed explicitly
     for n in names:

@@ -26,8 +26,9 @@ def test_ticks_operations_failures_and_last_success_per_stack():
         ok = StackResult(stack="us-east-1", region="us-east-1", action="targeted", operations=1, updated=2,
                          seconds=3.0, status_writes=1)
         idle = StackResult(stack="eu-west-1", region="eu-west-1")
-        metrics.observe([ok, idle], 3.5, OUTCOMES[EXIT_OK])
+        metrics.observe([ok, idle], 3.5, OUTCOMES[EXIT_OK], table_read="scan (first read)")
         got = scrape(port)
+        assert got[("gco_runner_table_reads_total", (("mode", "scan"),))] == 1
         assert got[("gco_runner_ticks_total", (("outcome", "ok"),))] == 1
         assert got[("gco_runner_operations_total", (("kind", "targeted"), ("stack", "us-east-1")))] == 1
         assert ("gco_runner_operations_total", (("kind", "targeted"), ("stack", "eu-west-1"))) not in got
@@ -38,8 +39,9 @@ def test_ticks_operations_failures_and_last_success_per_stack():
 
         failed = StackResult(stack="us-east-1", region="us-east-1", action="failed", operations=1, failed=1,
                              seconds=1.0, endpoint_errors={"a": "boom"})
-        metrics.observe([failed], 1.0, OUTCOMES[EXIT_FAILED])
+        metrics.observe([failed], 1.0, OUTCOMES[EXIT_FAILED], table_read="stream, 1 re-read")
         got = scrape(port)
+        assert got[("gco_runner_table_reads_total", (("mode", "stream"),))] == 1
         assert got[("gco_runner_failures_total", (("stack", "us-east-1"),))] == 1
         assert got[("gco_runner_ticks_total", (("outcome", "failed"),))] == 1
         assert got[("gco_runner_operations_total", (("kind", "failed"), ("stack", "us-east-1")))] == 1

@@ -145,3 +145,26 @@ def test_cache_always_equals_a_fresh_scan(streamed, rounds):
             else:
                 streamed._table.delete_item(Key={"endpoint_name": name})
         assert snapshot(cache.read()) == snapshot(streamed.list_endpoints()), cache.last_read
+
+
+def test_a_failed_re_read_keeps_nothing_half_applied(streamed):
+    streamed.put_desired(item("a"))
+    cache = TableCache(streamed)
+    cache.read()
+    streamed.put_desired(item("a", image="org/server:2"))
+    real = streamed.get_many
+    streamed.get_many = lambda names: (_ for _ in ()).throw(StoreError("throttled"))
+    with pytest.raises(StoreError):
+        cache.read()
+    streamed.get_many = real
+    assert cache.read()[0]["spec"]["image"] == "org/server:2"  # the written key was not lost
+    assert cache.last_read == "scan (the previous read failed)"
+
+
+def test_stream_without_open_shards_is_not_trusted(streamed):
+    streamed.open_shard_positions = lambda arn: None  # e.g. a shard rollover in progress
+    cache = TableCache(streamed)
+    cache.read()
+    streamed.put_desired(item("a"))
+    assert [i["endpoint_name"] for i in cache.read()] == ["a"]
+    assert cache.last_read == "scan (table stream shards are changing)"

@@ -17,7 +17,7 @@ from gco_infra.program import (
     settings_from_values, shard_of, shard_of_stack, shard_settings,
 )
 from gco_infra.runner import (
-    RunnerOptions, StackState, bound_sharded_regions, misplaced_endpoints, plan_stack, status_updates, StackResult,
+    RunnerOptions, StackState, bound_sharded_regions, misplaced_endpoints, stale_stacks, plan_stack, status_updates, StackResult,
 )
 
 REGION = "us-east-1"
@@ -101,7 +101,7 @@ def test_shard_stack_config_comes_from_the_region_stack():
     assert shard_of_stack(BASE, 2).stack == "us-east-1.shard-2"
     with pytest.raises(ProgramError, match="no shard 4"):
         shard_of_stack(BASE, 4)
-    with pytest.raises(ProgramError, match="a shard stack: name its region stack, local"):
+    with pytest.raises(ProgramError, match="stack local.shard-0 is a shard of region stack local: name local"):
         settings_from_stack_file("local.shard-0")
 
 
@@ -148,7 +148,15 @@ def test_endpoints_in_the_wrong_shard_block_the_region():
     assert list(problems) == ["us-east-1"] and "pulumi state move" in problems["us-east-1"]
     # the region stack itself still holds endpoints from before it was sharded
     guard = _state(replace(BASE, shard=-1), ["e1"])
-    assert "us-east-1 holds 1 endpoint(s) of other shards (e1)" in misplaced_endpoints([guard, *right])["us-east-1"]
+    message = misplaced_endpoints([guard, *right])["us-east-1"]
+    assert "stack us-east-1 is not part of region us-east-1 at gco:shards=4 but holds 1 endpoint(s) (e1)" in message
+
+
+def test_stacks_that_gco_shards_does_not_use_are_found():
+    existing = ["us-east-1", "us-east-1.shard-0", "us-east-1.shard-5", "us-east-1.shard-x", "us-east-1-b.shard-9"]
+    assert stale_stacks(BASE, existing) == ["us-east-1", "us-east-1.shard-5"]
+    # back to one stack: every shard stack is stale, the region stack is used again
+    assert stale_stacks(replace(BASE, shards=1), existing) == ["us-east-1.shard-0", "us-east-1.shard-5"]
 
 
 def test_the_deletion_bound_holds_for_the_region_not_per_shard():
@@ -175,6 +183,23 @@ def test_the_deletion_bound_holds_for_the_region_not_per_shard():
     assert set(status_updates(plan, res, validate_all(list(by_name.values())), by_name)) == set(plan.removed)
     bound_sharded_regions(plans, replace(opts, allow_mass_delete=True))
     assert not any(p.refused for _, p in plans)
+
+
+def test_removals_wait_while_a_shard_of_the_region_is_not_planned():
+    names = [f"e{i}" for i in range(40)]
+    stacks = shard_settings(BASE)
+    opts = RunnerOptions()
+    plans = []
+    for s in stacks[:3]:  # the fourth shard is locked by another update this tick
+        mine = [n for n in names if s.owns(n)]
+        keep = [n for n in names if n != mine[0]] if s is stacks[0] else names
+        plans.append((s, plan_stack(s, owned(validate_all([item(n) for n in keep]), s), outputs_for(mine, s),
+                                    full_due=False, opts=opts)))
+    bound_sharded_regions(plans, opts, shards={"us-east-1": 4})
+    assert "only 3 of its 4 shards could be planned" in plans[0][1].refused
+    assert plans[1][1].refused is None and plans[2][1].refused is None  # nothing to remove: not held back
+    bound_sharded_regions(plans, opts, shards={"us-east-1": 3})
+    assert plans[0][1].refused is None
 
 
 def test_unsharded_stacks_keep_their_own_bound():
