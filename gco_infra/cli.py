@@ -298,6 +298,7 @@ def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float,
     try:
         while True:
             started = time.monotonic()
+            code = 0  # each tick's own outcome
             try:
                 results = runner.tick(force_full=full and first)
             except StoreError as exc:
