@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
 
 from . import manifests as m
-from .endpoint import endpoint_to_item, validate_all
+from .endpoint import Validated, endpoint_to_item, validate_all
 from .program import PROJECT_ROOT, StackSettings, owned, previous_records_from_outputs
 from .runner import PROJECT, _engine_message, endpoint_of_object
 
@@ -53,10 +53,9 @@ def _comparable(item: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in item.items() if k not in _TIMESTAMPS}
 
 
-def record_changes(settings: StackSettings, items: list[Mapping[str, Any]], outputs: Mapping[str, Any] | None) -> dict[str, str]:
-    """Which endpoints' table records differ from what this stack last applied (pure)."""
+def record_changes(settings: StackSettings, validated: Validated, outputs: Mapping[str, Any] | None) -> dict[str, str]:
+    """Which endpoints' table records (validated, this stack's part) differ from what it last applied (pure)."""
     applied = previous_records_from_outputs(outputs or {})
-    validated = owned(validate_all(items, allowed_namespaces=settings.allowed_namespaces), settings)
     applied_fp = {n: o.get("fingerprint") for n, o in ((outputs or {}).get("endpoints") or {}).items()}
     out: dict[str, str] = {}
     for name, ep in validated.endpoints.items():
@@ -109,9 +108,9 @@ def preview_stack(settings: StackSettings, items: list[dict[str, Any]], env: Map
         result.error = _engine_message(str(exc))
         result.seconds = time.monotonic() - started
         return result
-    result.record_changes = record_changes(settings, items, outputs)
-    invalid = owned(validate_all(items, allowed_namespaces=settings.allowed_namespaces), settings).invalid
-    result.invalid = {k: list(v) for k, v in invalid.items()}
+    validated = owned(validate_all(items, allowed_namespaces=settings.allowed_namespaces), settings)
+    result.record_changes = record_changes(settings, validated, outputs)
+    result.invalid = {k: list(v) for k, v in validated.invalid.items()}
     for event in events:
         pre = getattr(event, "resource_pre_event", None)
         if pre is None:

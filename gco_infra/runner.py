@@ -463,13 +463,9 @@ def misplaced_endpoints(states: Iterable["StackState"]) -> dict[str, str]:
         if not wrong:
             continue
         names = ", ".join(wrong[:5]) + (", ..." if len(wrong) > 5 else "")
-        if s.shard == -1:
-            problems.setdefault(s.region_stack, []).append(
-                f"stack {s.stack} is not part of region {s.region_stack} at gco:shards={s.shards} but holds "
-                f"{len(wrong)} endpoint(s) ({names})")
-        else:
-            problems.setdefault(s.region_stack, []).append(
-                f"stack {s.stack} holds {len(wrong)} endpoint(s) of other shards ({names})")
+        holds = (f"is not part of region {s.region_stack} at gco:shards={s.shards} but holds {len(wrong)} endpoint(s)"
+                 if s.shard == -1 else f"holds {len(wrong)} endpoint(s) of other shards")
+        problems.setdefault(s.region_stack, []).append(f"stack {s.stack} {holds} ({names})")
     return {base: "; ".join(p) + f". Move them into the stacks that own them now (`pulumi state move`), or restore "
                                  f"the previous gco:shards of {base}; until then {base} is not applied"
             for base, p in problems.items()}
@@ -519,8 +515,7 @@ class Runner:
             return
         from pulumi import automation as auto
 
-        os.environ.update(self.env)
-        ws = auto.LocalWorkspace(work_dir=str(PROJECT_ROOT), env_vars=self.env)
+        ws = self._workspace()
         last: Exception | None = None
         for attempt in range(4):  # a checkpoint being rewritten by another update reads as EOF
             try:
@@ -533,13 +528,17 @@ class Runner:
                 time.sleep(0.5 * (attempt + 1))
         raise ProgramError(f"reading outputs of stack {state.settings.stack} failed: {_engine_message(str(last))}")
 
-    def _find_guards(self) -> None:
+    def _workspace(self) -> Any:
         from pulumi import automation as auto
 
         os.environ.update(self.env)
+        return auto.LocalWorkspace(work_dir=str(PROJECT_ROOT), env_vars=self.env)
+
+    def _find_guards(self) -> None:
+        from pulumi import automation as auto
+
         try:
-            ws = auto.LocalWorkspace(work_dir=str(PROJECT_ROOT), env_vars=self.env)
-            existing = {s.name for s in ws.list_stacks()}
+            existing = {s.name for s in self._workspace().list_stacks()}
         except auto.CommandError as exc:
             raise ProgramError(f"listing stacks failed: {_engine_message(str(exc))}") from exc
         guards: dict[str, StackState] = {}
@@ -599,12 +598,11 @@ class Runner:
                 self.load_outputs(guard)
             except ProgramError as exc:
                 unknown.setdefault(guard.settings.region_stack, str(exc))
+        guarded = {g.settings.region_stack for g in self.guards.values()}
         for state in self.states.values():
-            if state.settings.region_stack in {g.settings.region_stack for g in self.guards.values()} or \
-                    state.settings.shard is not None:
-                if not state.outputs_loaded:
-                    unknown.setdefault(state.settings.region_stack,
-                                       f"the outputs of stack {state.settings.stack} are not known yet")
+            if (state.settings.shard is not None or state.settings.region_stack in guarded) and not state.outputs_loaded:
+                unknown.setdefault(state.settings.region_stack,
+                                   f"the outputs of stack {state.settings.stack} are not known yet")
         misplaced = misplaced_endpoints([*self.guards.values(), *self.states.values()])
         if misplaced or unknown:
             self._guards_found = False  # look again next tick: stacks may have been moved or removed

@@ -23,6 +23,7 @@ DEFAULT_TABLE = "gco-inference-endpoints"
 MAX_PAGES = 100_000
 BATCH_GET = 100
 MAX_UNPROCESSED_RETRIES = 8
+_CLIENT_CONFIG = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=30)
 
 
 class StoreError(RuntimeError):
@@ -85,11 +86,11 @@ class EndpointStore:
         self._streams_client: Any = None
         self._client = session.client(
             "dynamodb", region_name=config.region or "us-east-1", endpoint_url=config.endpoint_url,
-            config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=30),
+            config=_CLIENT_CONFIG,
         )
         self._table = session.resource(
             "dynamodb", region_name=config.region or "us-east-1", endpoint_url=config.endpoint_url,
-            config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=30),
+            config=_CLIENT_CONFIG,
         ).Table(config.table)
         self.calls = 0
         """DynamoDB requests made, for benchmarks and tests."""
@@ -158,7 +159,7 @@ class EndpointStore:
         if self._streams_client is None:
             self._streams_client = self._session.client(
                 "dynamodbstreams", region_name=self.config.region or "us-east-1", endpoint_url=self.config.endpoint_url,
-                config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=30))
+                config=_CLIENT_CONFIG)
         return self._streams_client
 
     def stream_arn(self) -> str | None:
@@ -191,13 +192,13 @@ class EndpointStore:
             if not start:
                 break
         parents = {shard.get("ParentShardId") for shard in shards}
-        closed = [sh["ShardId"] for sh in shards if "EndingSequenceNumber" in sh.get("SequenceNumberRange", {})]
+        closed = {sh["ShardId"] for sh in shards if "EndingSequenceNumber" in sh.get("SequenceNumberRange", {})}
         if len(closed) == len(shards) or any(c not in parents for c in closed):
             return None
         positions = {}
         for shard in shards:
-            if "EndingSequenceNumber" in shard.get("SequenceNumberRange", {}):
-                continue  # closed: its records are older than the scan that follows
+            if shard["ShardId"] in closed:
+                continue  # its records are older than the scan that follows
             self.calls += 1
             positions[shard["ShardId"]] = self._streams.get_shard_iterator(
                 StreamArn=arn, ShardId=shard["ShardId"], ShardIteratorType="LATEST")["ShardIterator"]
@@ -366,6 +367,7 @@ class TableCache:
         self._positions: dict[str, str] = {}
         self._scanned_at = 0.0
         self._no_stream = "table has no stream"
+        self._invalid = "first read"
         self.scans = 0
         self.generation = 0
         """Changes whenever the returned items may differ from the previous read's."""
@@ -394,7 +396,7 @@ class TableCache:
 
     def _why_rescan(self) -> str | None:
         if self._items is None:
-            return getattr(self, "_invalid", "first read")
+            return self._invalid
         if self.clock() - self._scanned_at >= self.rescan_every:
             return "periodic"
         if self._arn is None:
@@ -433,18 +435,16 @@ class TableCache:
     def _rescan(self, why: str) -> None:
         self._items = None
         arn = self.store.stream_arn()
-        positions: dict[str, str] | None = {}
+        positions: dict[str, str] | None = None
         self._no_stream = "table has no stream"
         if arn is not None:
             try:
                 positions = self.store.open_shard_positions(arn)
+                self._no_stream = "table stream shards are changing"  # when positions is None
             except (ClientError, BotoCoreError) as exc:
-                positions = None
                 self._no_stream = f"table stream unreadable: {_error_text(exc)}"
-            if positions is None:
-                arn = None  # scan every tick until the stream can be followed again
-                if self._no_stream == "table has no stream":
-                    self._no_stream = "table stream shards are changing"
+        if positions is None:
+            arn = None  # scan every tick until the stream can be followed again
         started = self.clock()
         items = self.store.list_endpoints()  # StoreError propagates: nothing cached, nothing returned
         self._items = {i["endpoint_name"]: i for i in items}  # the table's key: every item has one

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from gco_infra.localenv import free_port, start_moto, stop_pid
+from gco_infra.localenv import stop_pid
 from gco_infra.runner import EXIT_LOCKED
-from gco_infra.store import EndpointStore, StoreConfig, StoreError
+from gco_infra.store import StoreError
 
+from ..moto_store import own_moto_store
 from .conftest import Kube, make_runner
 from .test_endpoints_e2e import put, status
 
@@ -113,14 +114,7 @@ def test_table_unreachable_mid_read_changes_nothing(env, tick, runner, kube1, tm
     put(env, "survivor")
     tick()
     before = kube1.names()
-    port = free_port()
-    pid = start_moto(port, tmp_path / "moto.log")
-    try:
-        import boto3
-
-        session = boto3.session.Session(aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1")
-        store = EndpointStore(StoreConfig(table="big", region="us-east-1", endpoint_url=f"http://127.0.0.1:{port}"), session=session)
-        store.create_table()
+    with own_moto_store(tmp_path, "big") as (store, pid):
         # The same endpoints, padded past one scan page: a partial read would look like mass deletion.
         with store._table.batch_writer() as w:
             for i in range(150):
@@ -136,8 +130,6 @@ def test_table_unreachable_mid_read_changes_nothing(env, tick, runner, kube1, tm
             assert broken.operations == 0
         finally:
             broken.close()
-    finally:
-        stop_pid(pid, "moto_server")
     assert kube1.names() == before
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import uuid
 from dataclasses import replace
 
-import boto3
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gco_infra.localenv import free_port, start_moto, stop_pid
 from gco_infra.store import EndpointStore, StoreConfig, StoreError, TableCache
+
+from ..moto_store import own_moto_store
 
 
 def item(name, image="org/server:1"):
@@ -110,17 +110,10 @@ def test_a_broken_stream_position_falls_back_to_a_scan(streamed):
 
 
 def test_unreachable_table_after_a_good_read_raises_not_stale_items(tmp_path):
-    port = free_port()
-    pid = start_moto(port, tmp_path / "moto.log")
-    try:
-        session = boto3.session.Session(aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1")
-        s = EndpointStore(StoreConfig(table="t", region="us-east-1", endpoint_url=f"http://127.0.0.1:{port}"), session=session)
-        s.create_table()
+    with own_moto_store(tmp_path, "t") as (s, _):
         s.put_desired(item("a"))
         cache = TableCache(s)
         assert len(cache.read()) == 1
-    finally:
-        stop_pid(pid, "moto_server")
     with pytest.raises(StoreError):
         cache.read()
 
