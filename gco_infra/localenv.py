@@ -1,13 +1,18 @@
-"""The local environment: real etcd, kube-apiservers, a moto DynamoDB server and a file backend.
+"""The local environment: a control plane per region, a moto DynamoDB server and a file backend.
 
-Everything listens on 127.0.0.1. One etcd serves two apiservers (one per local "region", each
-with its own etcd prefix), so multi-region behaviour is real. State (ports, pids, kubeconfigs,
-tokens) lives in a state dir; ``up`` is idempotent and ``down`` leaves no process behind.
+Everything listens on 127.0.0.1. One etcd serves every region; each region ("local-1", "local-2")
+has its own etcd prefix, kube-apiserver, kube-controller-manager and kube-scheduler, so
+multi-region behaviour is real and the cluster behaves like an EKS control plane: the
+deployment, replica-set, HPA, garbage-collector, endpoint and namespace controllers run, the
+ServiceAccount admission plugin is on. There is no node, so pods stay Pending, exactly like a GPU
+endpoint waiting for capacity. State (ports, pids, kubeconfigs, tokens) lives in a state dir;
+``up`` is idempotent and ``down`` leaves no process behind.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import secrets
@@ -30,6 +35,19 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 REGIONS = ("local-1", "local-2")
 STACK_FOR_REGION = {"local-1": "local", "local-2": "local-2"}
 NAMESPACES = ("gco-inference", "gco-inference-team-b")
+SYSTEM_NAMESPACE = "gco-system"
+INFERENCE_SERVICE_ACCOUNT = "gco-service-account"
+"""The inference pods' ServiceAccount, as on the platform's clusters (created in each namespace)."""
+CONTROLLERS = (
+    "serviceaccount-token-controller", "serviceaccount-controller", "garbage-collector-controller", "deployment-controller",
+    "replicaset-controller", "horizontal-pod-autoscaler-controller", "endpoints-controller",
+    "endpointslice-controller", "endpointslice-mirroring-controller", "namespace-controller",
+    "pod-garbage-collector-controller", "disruption-controller", "root-ca-certificate-publisher-controller",
+    "clusterrole-aggregation-controller",
+)
+"""What EKS runs that matters to endpoints (no cloud, node or volume controllers: there is no node)."""
+HPA_SYNC_SECONDS = 5
+"""The HPA controller's period (15 s on EKS): shorter here so tests see it act sooner."""
 
 
 class LocalEnvError(RuntimeError):
@@ -110,6 +128,16 @@ def _http_ok(url: str, token: str | None = None, ctx: ssl.SSLContext | None = No
         return False
 
 
+def _healthz(port: int) -> bool:
+    """/healthz of a controller manager or scheduler (self-signed serving certificate, anonymous)."""
+    if not port:
+        return False
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return _http_ok(f"https://127.0.0.1:{port}/healthz", ctx=ctx)
+
+
 def stop_pid(pid: int | None, marker: str, timeout: float = 15) -> None:
     if not _alive(pid, marker):
         return
@@ -128,9 +156,15 @@ def stop_pid(pid: int | None, marker: str, timeout: float = 15) -> None:
 
 @dataclass
 class ApiServer:
+    """One region's control plane: kube-apiserver, kube-controller-manager and kube-scheduler."""
+
     region: str
     port: int
     pid: int | None = None
+    controller_manager_port: int = 0
+    controller_manager_pid: int | None = None
+    scheduler_port: int = 0
+    scheduler_pid: int | None = None
 
     @property
     def url(self) -> str:
@@ -214,11 +248,14 @@ class LocalEnv:
         for region, api in self.apiservers.items():
             result[f"apiserver {region}"] = _alive(api.pid, "kube-apiserver") and self.ca_file(region).exists() and _http_ok(
                 f"{api.url}/readyz", self.admin_token, ssl.create_default_context(cafile=str(self.ca_file(region))))
+            result[f"controller-manager {region}"] = _alive(api.controller_manager_pid, "kube-controller-manager") and \
+                _healthz(api.controller_manager_port)
+            result[f"scheduler {region}"] = _alive(api.scheduler_pid, "kube-scheduler") and _healthz(api.scheduler_port)
         return result
 
     # ---- up / down ---------------------------------------------------------------------------------------
     def up(self, regions: Iterable[str] = REGIONS, progress: Callable[[str], None] = lambda s: None) -> None:
-        binaries = {b: tools_bin() / b for b in ("etcd", "kube-apiserver")}
+        binaries = {b: tools_bin() / b for b in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")}
         missing = [b for b, p in binaries.items() if not p.exists()]
         if missing:
             raise LocalEnvError(f"{', '.join(missing)} not built; run scripts/tools build (or scripts/setup)")
@@ -264,36 +301,97 @@ class LocalEnv:
             api = self.apiservers.get(region)
             if api and _alive(api.pid, "kube-apiserver"):
                 progress(f"kube-apiserver {region} already running on {api.url}")
-                continue
-            api = ApiServer(region=region, port=free_port())
-            progress(f"starting kube-apiserver {region} on {api.url}")
-            log = self.path / f"apiserver-{region}.log"
-            api.pid = _spawn([
-                str(binaries["kube-apiserver"]),
-                "--etcd-servers", f"http://127.0.0.1:{self.etcd_port}", "--etcd-prefix", f"/registry-{region}",
-                "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1", "--secure-port", str(api.port),
-                "--cert-dir", str(self.path / f"certs-{region}"),
-                "--service-cluster-ip-range", "10.96.0.0/16",
-                "--service-account-issuer", f"https://kubernetes.default.svc/{region}",
-                "--service-account-key-file", str(self.path / "sa.pub"),
-                "--service-account-signing-key-file", str(self.path / "sa.key"),
-                "--token-auth-file", str(self.path / "tokens.csv"),
-                "--authorization-mode", "RBAC",
-                "--disable-admission-plugins", "ServiceAccount",
-                "--endpoint-reconciler-type", "none",
-                "--enable-priority-and-fairness=false",
-                "--v", "0",
-            ], log)
-            self.apiservers[region] = api
-            self.save()
-            ca = self.ca_file(region)
-            _wait(lambda: ca.exists() and _http_ok(f"{api.url}/readyz", self.admin_token,
-                                                   ssl.create_default_context(cafile=str(ca))),
-                  f"kube-apiserver {region}", 120, api.pid, log)
-            self._write_kubeconfig(api)
+            else:
+                api = self._start_apiserver(region, binaries["kube-apiserver"], progress)
+            self._start_controllers(api, binaries, progress)
         self.save()
         for region in regions:
-            self._ensure_namespaces(region)
+            self._wait_for_controllers(self.apiservers[region])
+            self._ensure_platform_objects(region)
+
+    def _start_apiserver(self, region: str, binary: Path, progress: Callable[[str], None]) -> ApiServer:
+        api = ApiServer(region=region, port=free_port())
+        progress(f"starting kube-apiserver {region} on {api.url}")
+        log = self.path / f"apiserver-{region}.log"
+        api.pid = _spawn([
+            str(binary),
+            "--etcd-servers", f"http://127.0.0.1:{self.etcd_port}", "--etcd-prefix", f"/registry-{region}",
+            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1", "--secure-port", str(api.port),
+            "--cert-dir", str(self.path / f"certs-{region}"),
+            "--service-cluster-ip-range", "10.96.0.0/16",
+            "--service-account-issuer", f"https://kubernetes.default.svc/{region}",
+            "--service-account-key-file", str(self.path / "sa.pub"),
+            "--service-account-signing-key-file", str(self.path / "sa.key"),
+            "--token-auth-file", str(self.path / "tokens.csv"),
+            "--authorization-mode", "Node,RBAC",
+            "--endpoint-reconciler-type", "none",
+            "--enable-priority-and-fairness=false",
+            "--v", "0",
+        ], log)
+        self.apiservers[region] = api
+        self.save()
+        ca = self.ca_file(region)
+        _wait(lambda: ca.exists() and _http_ok(f"{api.url}/readyz", self.admin_token,
+                                               ssl.create_default_context(cafile=str(ca))),
+              f"kube-apiserver {region}", 120, api.pid, log)
+        self._write_kubeconfig(api)
+        for component in ("kube-controller-manager", "kube-scheduler"):
+            self._write_kubeconfig(api, user=f"system:{component}", token=self._component_token(component),
+                                   path=self._component_kubeconfig(region, component))
+        return api
+
+    def _start_controllers(self, api: ApiServer, binaries: dict[str, Path], progress: Callable[[str], None]) -> None:
+        """kube-controller-manager and kube-scheduler of one region, each as its own system identity."""
+        region = api.region
+        if _alive(api.controller_manager_pid, "kube-controller-manager"):
+            progress(f"kube-controller-manager {region} already running")
+        else:
+            api.controller_manager_port = free_port()
+            progress(f"starting kube-controller-manager {region} ({len(CONTROLLERS)} controllers)")
+            kubeconfig = self._component_kubeconfig(region, "kube-controller-manager")
+            api.controller_manager_pid = _spawn([
+                str(binaries["kube-controller-manager"]),
+                "--kubeconfig", str(kubeconfig),
+                "--authentication-kubeconfig", str(kubeconfig), "--authorization-kubeconfig", str(kubeconfig),
+                "--bind-address", "127.0.0.1", "--secure-port", str(api.controller_manager_port),
+                "--cert-dir", str(self.path / f"certs-{region}-controller-manager"),
+                "--service-account-private-key-file", str(self.path / "sa.key"),
+                "--root-ca-file", str(self.ca_file(region)),
+                "--use-service-account-credentials",
+                "--controllers", ",".join(CONTROLLERS),
+                "--horizontal-pod-autoscaler-sync-period", f"{HPA_SYNC_SECONDS}s",
+                "--leader-elect=false",
+                "--v", "0",
+            ], self.path / f"controller-manager-{region}.log")
+        if _alive(api.scheduler_pid, "kube-scheduler"):
+            progress(f"kube-scheduler {region} already running")
+        else:
+            api.scheduler_port = free_port()
+            progress(f"starting kube-scheduler {region}")
+            kubeconfig = self._component_kubeconfig(region, "kube-scheduler")
+            api.scheduler_pid = _spawn([
+                str(binaries["kube-scheduler"]),
+                "--kubeconfig", str(kubeconfig),
+                "--authentication-kubeconfig", str(kubeconfig), "--authorization-kubeconfig", str(kubeconfig),
+                "--bind-address", "127.0.0.1", "--secure-port", str(api.scheduler_port),
+                "--cert-dir", str(self.path / f"certs-{region}-scheduler"),
+                "--leader-elect=false",
+                "--v", "0",
+            ], self.path / f"scheduler-{region}.log")
+        self.save()
+
+    def _wait_for_controllers(self, api: ApiServer) -> None:
+        region = api.region
+        _wait(lambda: _healthz(api.controller_manager_port), f"kube-controller-manager {region}", 120,
+              api.controller_manager_pid, self.path / f"controller-manager-{region}.log")
+        _wait(lambda: _healthz(api.scheduler_port), f"kube-scheduler {region}", 120,
+              api.scheduler_pid, self.path / f"scheduler-{region}.log")
+
+    def _component_kubeconfig(self, region: str, component: str) -> Path:
+        return self.path / f"kubeconfig-{region}-{component}"
+
+    def _component_token(self, component: str) -> str:
+        return hashlib.sha256(f"{self.admin_token}/{component}".encode()).hexdigest()[:48]
 
     def _credentials(self) -> None:
         key, pub = self.path / "sa.key", self.path / "sa.pub"
@@ -308,20 +406,25 @@ class LocalEnv:
                                                         serialization.PublicFormat.SubjectPublicKeyInfo))
             key.chmod(0o600)
         tokens = self.path / "tokens.csv"
-        tokens.write_text(f'{self.admin_token},gco-admin,gco-admin,"system:masters"\n')
+        # The controller manager and scheduler authenticate as their own system users, whose
+        # rights are the apiserver's bootstrap roles, as on a real control plane.
+        lines = [f'{self.admin_token},gco-admin,gco-admin,"system:masters"']
+        lines += [f"{self._component_token(c)},system:{c},system:{c}" for c in ("kube-controller-manager", "kube-scheduler")]
+        tokens.write_text("\n".join(lines) + "\n")
         tokens.chmod(0o600)
 
-    def _write_kubeconfig(self, api: ApiServer) -> None:
+    def _write_kubeconfig(self, api: ApiServer, user: str = "gco-admin", token: str | None = None,
+                          path: Path | None = None) -> None:
         name = f"gco-{api.region}"
         cfg = {
             "apiVersion": "v1", "kind": "Config", "current-context": name,
             # The apiserver's generated certificate bundle ends with its own CA: verify against it.
             "clusters": [{"name": name, "cluster": {"server": api.url, "certificate-authority-data": base64.b64encode(
                 self.ca_file(api.region).read_bytes()).decode()}}],
-            "contexts": [{"name": name, "context": {"cluster": name, "user": "gco-admin"}}],
-            "users": [{"name": "gco-admin", "user": {"token": self.admin_token}}],
+            "contexts": [{"name": name, "context": {"cluster": name, "user": user}}],
+            "users": [{"name": user, "user": {"token": token or self.admin_token}}],
         }
-        path = self.kubeconfig(api.region)
+        path = path or self.kubeconfig(api.region)
         path.write_text(json.dumps(cfg, indent=2))
         path.chmod(0o600)
 
@@ -334,17 +437,24 @@ class LocalEnv:
 
         return config.new_client_from_config(str(self.kubeconfig(region)))
 
-    def _ensure_namespaces(self, region: str) -> None:
-        from kubernetes import client
-
-        core = client.CoreV1Api(self.kube(region))
-        existing = {n.metadata.name for n in core.list_namespace().items}
+    def _ensure_platform_objects(self, region: str) -> None:
+        """What the platform's clusters have before any endpoint: the inference namespaces with the
+        inference ServiceAccount, and gco-system with the runner's and health job's identities and
+        least-privilege rights (deploy/gco-system.yaml, without its Deployments)."""
+        api = self.kube(region)
         for ns in NAMESPACES:
-            if ns not in existing:
-                core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+            apply_object(api, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+            apply_object(api, {"apiVersion": "v1", "kind": "ServiceAccount",
+                               "metadata": {"name": INFERENCE_SERVICE_ACCOUNT, "namespace": ns},
+                               "automountServiceAccountToken": False})
+        for obj in platform_rbac(NAMESPACES):
+            apply_object(api, obj)
 
     def down(self, progress: Callable[[str], None] = lambda s: None, *, wipe: bool = False) -> None:
         for region, api in self.apiservers.items():
+            progress(f"stopping kube-scheduler and kube-controller-manager {region}")
+            stop_pid(api.scheduler_pid, "kube-scheduler")
+            stop_pid(api.controller_manager_pid, "kube-controller-manager")
             progress(f"stopping kube-apiserver {region}")
             stop_pid(api.pid, "kube-apiserver")
         progress("stopping etcd")
@@ -353,8 +463,41 @@ class LocalEnv:
         stop_pid(self.moto_pid, "moto_server")
         self.etcd_pid = self.moto_pid = None
         for api in self.apiservers.values():
-            api.pid = None
+            api.pid = api.controller_manager_pid = api.scheduler_pid = None
         if wipe:
             shutil.rmtree(self.path, ignore_errors=True)
         else:
             self.save()
+
+
+_PLURALS = {"Namespace": "namespaces", "ServiceAccount": "serviceaccounts", "Role": "roles",
+            "RoleBinding": "rolebindings", "ClusterRole": "clusterroles", "ClusterRoleBinding": "clusterrolebindings"}
+
+
+def apply_object(api, obj: dict) -> None:
+    """Server-side apply of one object (kinds in _PLURALS) as field manager gco-local."""
+    group, _, version = obj["apiVersion"].rpartition("/")
+    base = f"/apis/{group}/{version}" if group else f"/api/{version}"
+    meta = obj["metadata"]
+    ns = f"/namespaces/{meta['namespace']}" if meta.get("namespace") else ""
+    api.call_api(f"{base}{ns}/{_PLURALS[obj['kind']]}/{meta['name']}", "PATCH",
+                 query_params=[("fieldManager", "gco-local"), ("force", "true")],
+                 header_params={"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"},
+                 body=obj, auth_settings=["BearerToken"], _return_http_data_only=True, _preload_content=False)
+
+
+def platform_rbac(namespaces: Iterable[str], path: Path = PROJECT_ROOT / "deploy" / "gco-system.yaml") -> list[dict]:
+    """deploy/gco-system.yaml without its Deployments (they need the image), with the per-namespace
+    Roles and RoleBindings copied into every inference namespace, as its header says to do."""
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d and d.get("kind") in _PLURALS]
+    out: list[dict] = []
+    for doc in docs:
+        ns = doc["metadata"].get("namespace")
+        if doc["kind"] in ("Role", "RoleBinding") and ns == NAMESPACES[0]:
+            for target in namespaces:
+                out.append({**doc, "metadata": {**doc["metadata"], "namespace": target}})
+        else:
+            out.append(doc)
+    return out

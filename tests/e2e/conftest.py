@@ -1,4 +1,5 @@
-"""End-to-end fixtures: the real Pulumi engine, Kubernetes provider, etcd + kube-apiserver, moto server."""
+"""End-to-end fixtures: the real Pulumi engine, Kubernetes provider, a control plane per region (etcd,
+kube-apiserver, kube-controller-manager, kube-scheduler) and the moto server."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from gco_infra import localenv
 from gco_infra.program import settings_from_stack_file
 from gco_infra.runner import Runner, RunnerOptions, with_local_overrides
 
-REQUIRED = ("pulumi", "pulumi-resource-kubernetes", "etcd", "kube-apiserver")
+REQUIRED = ("pulumi", "pulumi-resource-kubernetes", "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 
 
 def pytest_collection_modifyitems(items):
