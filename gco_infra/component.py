@@ -72,7 +72,14 @@ class InferenceEndpoint(pulumi.ComponentResource):
             if obj is None:
                 continue
             meta = obj["metadata"]
-            self.resources[role] = _KINDS[role](meta["name"], metadata=meta, spec=_protect_secrets(obj), opts=child)
+            opts = child
+            if role == m.DEPLOYMENT and m.HPA in args.objects:
+                # The HPA owns the replica count: the declared value only seeds a new Deployment.
+                # On an existing one the provider keeps the live count while we still own the
+                # field, and leaves it alone once the HPA has taken it, so switching autoscaling
+                # on never drops running pods, and no apply fights the HPA.
+                opts = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(ignore_changes=["spec.replicas"]))
+            self.resources[role] = _KINDS[role](meta["name"], metadata=meta, spec=_protect_secrets(obj), opts=opts)
         self.fingerprint = pulumi.Output.from_input(args.fingerprint)
         self.state = pulumi.Output.from_input(args.state)
         self.register_outputs({

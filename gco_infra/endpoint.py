@@ -19,9 +19,12 @@ REGION_STATES = (
 )
 ACCELERATORS = ("nvidia", "neuron")
 CAPACITY_TYPES = ("spot", "on-demand")
-METRIC_TYPES = ("cpu", "memory")
+METRIC_TYPES = ("cpu", "memory", "gpu")
 DEFAULT_NAMESPACE = "gco-inference"
 MAX_NAME_LEN = 50
+MODELS_ROOT = "/models"
+"""Where the shared model claim lives; an endpoint's own directory is ``/models/<name>``."""
+CANARY_SUFFIX = "-canary"
 
 DEFAULT_REQUESTS = {"cpu": "1", "memory": "4Gi"}
 DEFAULT_LIMITS = {"cpu": "4", "memory": "16Gi"}
@@ -49,6 +52,7 @@ MAX_STRING = 4096
 MAX_ENV_VALUE = 32 * 1024
 MAX_LIST = 128
 MAX_MAP = 256
+MAX_STATUS_NUMBER = 10**6
 
 _QUANTITY_SUFFIX = {
     "": Decimal(1), "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"),
@@ -111,8 +115,8 @@ class Spec:
 
     @property
     def serves_root_path(self) -> bool:
-        """vLLM and TGI images take --root-path so they answer under the ingress prefix."""
-        return bool(_VLLM_TGI.search(image_repository(self.image).lower()))
+        """Whether the primary image takes --root-path (see :func:`serves_root_path`)."""
+        return serves_root_path(self.image)
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,11 @@ class Endpoint:
 
     def status_in(self, region: str) -> RegionStatus:
         return self.region_status.get(region, RegionStatus())
+
+
+def serves_root_path(image: str) -> bool:
+    """vLLM and TGI images take --root-path so they answer under the ingress prefix."""
+    return bool(_VLLM_TGI.search(image_repository(image).lower()))
 
 
 def image_repository(image: str) -> str:
@@ -429,33 +438,107 @@ def _canary(errs: _Errors, value: Any) -> Canary | None:
     return Canary(image=image, weight=weight, replicas=replicas)
 
 
-def _region_status(value: Any) -> dict[str, RegionStatus]:
-    """Lenient: a malformed status entry is ignored rather than failing the record."""
+_STATUS_TEXT = ("last_sync", "error", "ingress", "unready_since", "message")
+_STATUS_NUMBERS = ("replicas_ready", "replicas_desired")
+
+
+def _status_number(value: Any) -> int | None:
+    """A whole number in 0..MAX_STATUS_NUMBER, or None; never builds a huge int from a Decimal."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 0 <= value <= MAX_STATUS_NUMBER else None
+    try:
+        if isinstance(value, Decimal):
+            number = value
+        elif isinstance(value, float):
+            number = Decimal(repr(value)) if math.isfinite(value) else Decimal("NaN")
+        elif isinstance(value, str) and len(value) <= 32:
+            number = Decimal(value.strip())
+        else:
+            return None
+    except (InvalidOperation, ValueError):
+        return None
+    if not number.is_finite() or not 0 <= number <= MAX_STATUS_NUMBER or number != number.to_integral_value():
+        return None
+    return int(number)
+
+
+def _read_region_status(value: Any, errs: _Errors) -> dict[str, RegionStatus]:
+    """``region_status`` as far as it is readable; what is not is reported to ``errs`` and read as None.
+
+    Other tools write this attribute, so nothing in it ever fails the record: an entry that is not a
+    map is skipped, a field of the wrong type, an unknown state or a string over MAX_STRING is None.
+    """
     out: dict[str, RegionStatus] = {}
+    if value is None:
+        return out
     if not isinstance(value, Mapping):
+        errs.add("region_status", f"must be a map, got {type(value).__name__}")
         return out
     for region, raw in value.items():
-        if not isinstance(region, str) or not isinstance(raw, Mapping):
+        if not isinstance(region, str) or not _REGION.match(region):
+            errs.add("region_status", f"has an invalid region key {_show(region)}")
             continue
-
-        def text(key: str) -> str | None:
+        path = f"region_status.{region}"
+        if not isinstance(raw, Mapping):
+            errs.add(path, f"must be a map, got {type(raw).__name__}")
+            continue
+        fields: dict[str, Any] = {}
+        for key in _STATUS_TEXT + ("state",):
             v = raw.get(key)
-            return v if isinstance(v, str) else None
-
-        def number(key: str) -> int | None:
+            if v is None:
+                continue
+            if not isinstance(v, str):
+                errs.add(f"{path}.{key}", f"must be a string, got {type(v).__name__}")
+            elif len(v) > MAX_STRING:
+                errs.add(f"{path}.{key}", f"must be at most {MAX_STRING} characters, got {len(v)}")
+            elif key == "state" and v not in REGION_STATES:
+                errs.add(f"{path}.state", f"must be one of {', '.join(REGION_STATES)}, got {_show(v)}")
+            else:
+                fields[key] = v
+        for key in _STATUS_NUMBERS:
             v = raw.get(key)
-            try:
-                return int(v) if v is not None and not isinstance(v, bool) else None
-            except (TypeError, ValueError):
-                return None
-
-        out[region] = RegionStatus(
-            state=text("state"), replicas_ready=number("replicas_ready"),
-            replicas_desired=number("replicas_desired"), last_sync=text("last_sync"),
-            error=text("error"), ingress=text("ingress"), unready_since=text("unready_since"),
-            message=text("message"),
-        )
+            if v is None:
+                continue
+            number = _status_number(v)
+            if number is None:
+                errs.add(f"{path}.{key}", f"must be a whole number from 0 to {MAX_STATUS_NUMBER}, got {_show(v)}")
+            else:
+                fields[key] = number
+        out[region] = RegionStatus(**fields)
     return out
+
+
+def stored_region_status(item: Any, region: str) -> dict[str, Any] | None:
+    """The raw ``region_status.<region>`` map as stored (the ``expected`` of a conditional write).
+
+    None when the item, its ``region_status`` or the region's entry is not a map (or is absent).
+    A shallow copy: the caller may build the next status from it without touching the item.
+    """
+    if not isinstance(item, Mapping):
+        return None
+    statuses = item.get("region_status")
+    if not isinstance(statuses, Mapping):
+        return None
+    raw = statuses.get(region)
+    return dict(raw) if isinstance(raw, Mapping) else None
+
+
+def region_status_problem(item: Any, *, limit: int = 5) -> str | None:
+    """What is malformed in an item's ``region_status``, for a status message; None when nothing is.
+
+    The record itself stays valid (parse_endpoint reads such values as None); this only says why.
+    """
+    if not isinstance(item, Mapping):
+        return None
+    errs = _Errors(record_name(item)[:80])
+    _read_region_status(item.get("region_status"), errs)
+    if not errs.items:
+        return None
+    shown = errs.items[:limit]
+    more = len(errs.items) - len(shown)
+    return "; ".join(shown) + (f"; and {more} more" if more else "")
 
 
 @dataclass(frozen=True)
@@ -490,8 +573,6 @@ def parse_endpoint(item: Mapping[str, Any], *, allowed_namespaces: Iterable[str]
         errs.add("endpoint_name", f"must be at most {MAX_NAME_LEN} characters, got {len(raw_name)}")
     elif not _DNS1035.match(raw_name):
         errs.add("endpoint_name", f"must be a DNS-1035 label (lowercase letters, digits, '-', starting with a letter), got {_show(raw_name)}")
-    elif raw_name.endswith("-canary"):
-        errs.add("endpoint_name", f"must not end in -canary (reserved for canary objects), got {_show(raw_name)}")
 
     desired = _enum(errs, "desired_state", item.get("desired_state"), DESIRED_STATES, None)
 
@@ -526,7 +607,7 @@ def parse_endpoint(item: Mapping[str, Any], *, allowed_namespaces: Iterable[str]
     elif not isinstance(spec_raw, Mapping):
         errs.add("spec", f"must be a map, got {type(spec_raw).__name__}")
         spec_raw = {}
-    spec = _spec(errs, spec_raw)
+    spec = _spec(errs, spec_raw, raw_name if isinstance(raw_name, str) else "")
 
     if errs.items or spec is None or desired is None:
         return ParseResult(name, None, tuple(errs.items))
@@ -537,12 +618,12 @@ def parse_endpoint(item: Mapping[str, Any], *, allowed_namespaces: Iterable[str]
         updated_at=item.get("updated_at") if isinstance(item.get("updated_at"), str) else None,
         labels={k: str(v) for k, v in item["labels"].items()} if isinstance(item.get("labels"), Mapping) else {},
         created_by=item.get("created_by") if isinstance(item.get("created_by"), str) else None,
-        region_status=_region_status(item.get("region_status")),
+        region_status=_read_region_status(item.get("region_status"), _Errors(name)),
     )
     return ParseResult(name, endpoint, ())
 
 
-def _spec(errs: _Errors, raw: Mapping[str, Any]) -> Spec | None:
+def _spec(errs: _Errors, raw: Mapping[str, Any], name: str) -> Spec | None:
     image = _str(errs, "spec.image", raw.get("image"), required=True, limit=512, pattern=_IMAGE,
                  hint="must be a container image reference")
     region_images: dict[str, str] = {}
@@ -570,7 +651,8 @@ def _spec(errs: _Errors, raw: Mapping[str, Any]) -> Spec | None:
     model_source = _str(errs, "spec.model_source", raw.get("model_source"), limit=1024, pattern=_S3_URI,
                         hint="must be an s3://bucket/prefix URI (letters, digits and !_.*'()/=+- only)")
     if model_source is not None and model_path is None and raw.get("model_path") in (None, ""):
-        model_path = "/models"
+        # the endpoint's own directory on the shared claim, never the claim's root
+        model_path = f"{MODELS_ROOT}/{name}"
     command = _string_list(errs, "spec.command", raw.get("command"))
     args = _string_list(errs, "spec.args", raw.get("args"))
     node_selector = _label_map(errs, "spec.node_selector", raw.get("node_selector"))
@@ -621,7 +703,30 @@ def validate_all(items: Iterable[Mapping[str, Any]], *, allowed_namespaces: Iter
                 others = ", ".join(o for o in names if o != n)
                 invalid[n] = [f'endpoint "{n}": ingress_path {path} is also claimed by {others}']
                 valid.pop(n, None)
+    for name, error in canary_name_collisions(valid).items():
+        invalid[name] = [error]
+        valid.pop(name, None)
     return Validated(endpoints=valid, invalid={k: tuple(v) for k, v in invalid.items()})
+
+
+def canary_name_collisions(endpoints: Mapping[str, Endpoint]) -> dict[str, str]:
+    """Endpoints named ``<x>-canary`` whose objects would be those of endpoint x's canary.
+
+    Such names are allowed (the platform writes them) until an endpoint x declares a canary: its
+    Deployment and Service ``x-canary`` and Ingress ``inference-x-canary`` then have the same names.
+    The ``-canary`` endpoint is the one reported. One that is ``deleted`` declares nothing, and
+    must stay valid so that what it had is removed.
+    """
+    out: dict[str, str] = {}
+    for name, ep in endpoints.items():
+        base = name[:-len(CANARY_SUFFIX)] if name.endswith(CANARY_SUFFIX) else ""
+        owner = endpoints.get(base)
+        if ep.desired_state == "deleted" or owner is None or owner.desired_state == "deleted" \
+                or owner.spec.canary is None:
+            continue
+        out[name] = (f'endpoint "{name}": endpoint_name collides with the canary of endpoint "{base}" '
+                     f"(its Deployment and Service {name} and Ingress inference-{name})")
+    return out
 
 
 def endpoint_to_item(ep: Endpoint) -> dict[str, Any]:
@@ -660,3 +765,8 @@ def endpoint_to_item(ep: Endpoint) -> dict[str, Any]:
     if ep.labels:
         item["labels"] = dict(ep.labels)
     return item
+
+
+def region_statuses(value: Any) -> dict[str, RegionStatus]:
+    """Every region's status of an item's raw ``region_status``, read leniently (never raises)."""
+    return _read_region_status(value, _Errors("<unnamed>"))

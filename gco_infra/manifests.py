@@ -12,12 +12,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .endpoint import Endpoint
+from .endpoint import Endpoint, Metric, serves_root_path
 
 # Bump when the declaration for an unchanged record changes, so every endpoint is re-applied.
-DECLARATION_VERSION = "1"
+DECLARATION_VERSION = "2"
 
 SKIP_AWAIT = {"pulumi.com/skipAwait": "true"}
+PATCH_FORCE = {"pulumi.com/patchForce": "true"}
 DELETION_POLICY = "pulumi.com/deletionPropagationPolicy"
 ALB = "alb.ingress.kubernetes.io/"
 
@@ -27,6 +28,10 @@ CANARY_DEPLOYMENT, CANARY_SERVICE, CANARY_INGRESS = "canary-deployment", "canary
 ROLES = (DEPLOYMENT, SERVICE, INGRESS, HPA, CANARY_DEPLOYMENT, CANARY_SERVICE, CANARY_INGRESS)
 
 ACCELERATOR_RESOURCE = {"nvidia": "nvidia.com/gpu", "neuron": "aws.amazon.com/neuron"}
+SERVING_CONTAINER, MODEL_SYNC_CONTAINER = "inference", "model-sync"
+# amazon-eks-pod-identity-webhook: containers listed here get no AWS credentials (IRSA or EKS Pod
+# Identity); every other container of the pod does.
+SKIP_CONTAINERS = "eks.amazonaws.com/skip-containers"
 
 
 @dataclass(frozen=True)
@@ -37,14 +42,16 @@ class ClusterSettings:
     """ALB IngressGroup shared by all endpoints of the cluster."""
     alb_scheme: str = "internet-facing"
     ingress_class: str = "alb"
-    model_volume_claim: str = "gco-models-efs"
-    """PersistentVolumeClaim (EFS) that holds model files, mounted at spec.model_path."""
+    model_volume_claim: str = "efs-claim"
+    """PersistentVolumeClaim (EFS) shared by all endpoints; each one mounts only its own
+    directory ``<name>`` on it (subPath), at spec.model_path."""
     model_sync_image: str = "public.ecr.aws/aws-cli/aws-cli:2.27.50"
     """Pinned image of the S3 model-sync init container."""
     gpu_node_selectors: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: {
-        "nvidia": {"nvidia.com/gpu.present": "true"},
-        "neuron": {"aws.amazon.com/neuron.present": "true"},
+        "nvidia": {"eks.amazonaws.com/instance-gpu-manufacturer": "nvidia"},
+        "neuron": {"accelerator": "neuron"},
     })
+    """Per accelerator, the node labels of the cluster's GPU / Neuron nodes."""
     capacity_type_label: str = "karpenter.sh/capacity-type"
     startup_period_seconds: int = 10
     startup_failure_threshold: int = 90
@@ -52,9 +59,11 @@ class ClusterSettings:
     readiness_period_seconds: int = 10
     liveness_period_seconds: int = 20
     healthcheck_interval_seconds: int = 15
-    service_account: str | None = None
-    skip_await_all: bool = False
-    """Add pulumi.com/skipAwait to every object (clusters without controllers, e.g. local)."""
+    service_account: str | None = "gco-service-account"
+    """ServiceAccount of inference pods; its IAM role (S3 read) reaches only the model-sync container."""
+    gpu_utilization_metric: str | None = None
+    """Per-pod metric (custom metrics API) that autoscaling metric ``gpu`` scales on; None: the
+    cluster serves none, so that metric is left out of the HPA (see declaration_notes)."""
 
 
 def labels(name: str) -> dict[str, str]:
@@ -62,22 +71,34 @@ def labels(name: str) -> dict[str, str]:
 
 
 def _meta(ep: Endpoint, name: str, settings: ClusterSettings, *, track: str | None = None,
-          skip_await: bool = False, annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
+          annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Object metadata: labels, and what the provider does with the object.
+
+    - skipAwait on every kind: whatever the provider would wait for depends on pods being ready
+      (Deployment rollout, Service endpoints, Ingress address from the ALB controller), and an
+      apply never waits for model loading or GPU capacity; readiness is the health job's business.
+    - patchForce: our declared fields win a server-side-apply conflict with another field manager
+      (`kubectl scale`, a hand edit, the HPA after autoscaling is switched off), so drift is
+      repaired instead of failing every following update.
+    - background deletion: the provider waits until a deleted object is gone (skipAwait does not
+      cover deletes of these kinds); foreground would make that wait include every pod's graceful
+      termination. The garbage collector removes replica sets and pods afterwards.
+    """
     meta: dict[str, Any] = {"name": name, "namespace": ep.namespace, "labels": labels(ep.name)}
     if track:
         meta["labels"]["gco.io/track"] = track
-    # Background deletion, as kubectl does: deletes never wait on the garbage collector.
-    notes = {DELETION_POLICY: "background", **(annotations or {})}
-    if skip_await or settings.skip_await_all:
-        notes.update(SKIP_AWAIT)
-    meta["annotations"] = notes
+    meta["annotations"] = {DELETION_POLICY: "background", **SKIP_AWAIT, **PATCH_FORCE, **(annotations or {})}
     return meta
 
 
-def container_args(ep: Endpoint) -> list[str] | None:
-    """spec.args, plus --root-path for vLLM/TGI images unless a command overrides the entrypoint."""
+def container_args(ep: Endpoint, image: str | None = None) -> list[str] | None:
+    """spec.args, plus --root-path when ``image`` is vLLM/TGI, unless a command overrides the entrypoint.
+
+    ``image`` is the image the Deployment runs as the record names it: spec.image for the primary
+    (its region_image_uris are copies of it), canary.image for the canary. Default spec.image.
+    """
     args = list(ep.spec.args or [])
-    if ep.spec.command is None and ep.spec.serves_root_path \
+    if ep.spec.command is None and serves_root_path(image or ep.spec.image) \
             and not any(a == "--root-path" or a.startswith("--root-path=") for a in args):
         args += ["--root-path", ep.ingress_path]
     return args or None
@@ -99,10 +120,12 @@ def _probe(ep: Endpoint, period: int, failures: int) -> dict[str, Any]:
     }
 
 
-def pod_spec(ep: Endpoint, region: str, settings: ClusterSettings, image: str) -> dict[str, Any]:
+def pod_spec(ep: Endpoint, region: str, settings: ClusterSettings, image: str,
+             args_image: str | None = None) -> dict[str, Any]:
+    """The pod of a Deployment running ``image``; ``args_image`` decides --root-path (container_args)."""
     spec = ep.spec
     container: dict[str, Any] = {
-        "name": "inference",
+        "name": SERVING_CONTAINER,
         "image": image,
         "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
         "env": [{"name": k, "value": v} for k, v in sorted(spec.env.items())],
@@ -113,7 +136,7 @@ def pod_spec(ep: Endpoint, region: str, settings: ClusterSettings, image: str) -
     }
     if spec.command:
         container["command"] = list(spec.command)
-    args = container_args(ep)
+    args = container_args(ep, args_image)
     if args:
         container["args"] = args
     pod: dict[str, Any] = {"automountServiceAccountToken": False, "containers": [container]}
@@ -132,35 +155,43 @@ def pod_spec(ep: Endpoint, region: str, settings: ClusterSettings, image: str) -
         pod["nodeSelector"] = dict(sorted(selector.items()))
 
     if spec.model_path:
+        # Only the endpoint's own directory <name> of the shared claim is mounted (subPath), so no
+        # container of it can see or write another endpoint's files; the serving side reads only.
         pod["volumes"] = [{"name": "models", "persistentVolumeClaim": {"claimName": settings.model_volume_claim}}]
-        container["volumeMounts"] = [{"name": "models", "mountPath": spec.model_path, "readOnly": True}]
+        mount = {"name": "models", "mountPath": spec.model_path, "subPath": ep.name}
+        container["volumeMounts"] = [{**mount, "readOnly": True}]
         if spec.model_source:
             # The URI travels as one argv element: no shell ever parses it.
             pod["initContainers"] = [{
-                "name": "model-sync",
+                "name": MODEL_SYNC_CONTAINER,
                 "image": settings.model_sync_image,
                 "command": ["aws"],
                 "args": ["s3", "sync", spec.model_source, spec.model_path, "--no-progress", "--only-show-errors"],
-                "volumeMounts": [{"name": "models", "mountPath": spec.model_path}],
+                "volumeMounts": [dict(mount)],
                 "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
             }]
     return pod
 
 
 def _deployment(ep: Endpoint, region: str, settings: ClusterSettings, *, name: str, track: str,
-                image: str, replicas: int | None) -> dict[str, Any]:
+                image: str, replicas: int | None, args_image: str | None = None) -> dict[str, Any]:
     match = {"app": ep.name, "gco.io/track": track}
+    pod = pod_spec(ep, region, settings, image, args_image)
     spec: dict[str, Any] = {
         "selector": {"matchLabels": match},
         "template": {
-            "metadata": {"labels": {**labels(ep.name), "gco.io/track": track}},
-            "spec": pod_spec(ep, region, settings, image),
+            "metadata": {
+                "labels": {**labels(ep.name), "gco.io/track": track},
+                # The ServiceAccount's AWS role is for the model-sync init container only.
+                "annotations": {SKIP_CONTAINERS: ",".join(c["name"] for c in pod["containers"])},
+            },
+            "spec": pod,
         },
     }
     if replicas is not None:
         spec["replicas"] = replicas
     return {"apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": _meta(ep, name, settings, track=track, skip_await=True), "spec": spec}
+            "metadata": _meta(ep, name, settings, track=track), "spec": spec}
 
 
 def _service(ep: Endpoint, settings: ClusterSettings, *, name: str, track: str) -> dict[str, Any]:
@@ -185,9 +216,9 @@ def _alb_annotations(ep: Endpoint, settings: ClusterSettings) -> dict[str, str]:
 
 
 def _ingress(ep: Endpoint, settings: ClusterSettings, *, name: str, backend: dict[str, Any],
-             annotations: Mapping[str, str], skip_await: bool = False) -> dict[str, Any]:
+             annotations: Mapping[str, str]) -> dict[str, Any]:
     return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
-            "metadata": _meta(ep, name, settings, annotations=annotations, skip_await=skip_await),
+            "metadata": _meta(ep, name, settings, annotations=annotations),
             "spec": {"ingressClassName": settings.ingress_class,
                      "rules": [{"http": {"paths": [{"path": ep.ingress_path, "pathType": "Prefix",
                                                     "backend": {"service": backend}}]}}]}}
@@ -199,6 +230,46 @@ def ingress_name(name: str) -> str:
 
 def canary_name(name: str) -> str:
     return f"{name}-canary"
+
+
+def _hpa_metric(m: Metric, settings: ClusterSettings) -> dict[str, Any] | None:
+    if m.type == "gpu":
+        if not settings.gpu_utilization_metric:
+            return None
+        return {"type": "Pods", "pods": {"metric": {"name": settings.gpu_utilization_metric},
+                                         "target": {"type": "AverageValue", "averageValue": str(m.target)}}}
+    return {"type": "Resource", "resource": {
+        "name": m.type, "target": {"type": "Utilization", "averageUtilization": m.target}}}
+
+
+def _hpa_spec(ep: Endpoint, region: str, settings: ClusterSettings) -> tuple[dict[str, Any], list[str]]:
+    """The HPA spec and, for each metric the cluster cannot serve, why it was left out.
+
+    A ``gpu`` metric needs the stack's gco:gpuUtilizationMetric; without it that metric is left out,
+    never the endpoint. When no metric is left, the spec has no ``metrics`` key at all: the API server
+    then defaults it to 80% average CPU utilization (as it does for an empty list), and leaving the
+    field to that default keeps the declared object equal to the stored one. The note says so.
+    """
+    a = ep.spec.autoscaling
+    metrics, notes = [], []
+    for i, m in enumerate(a.metrics):
+        declared = _hpa_metric(m, settings)
+        if declared is None:
+            notes.append(f'endpoint "{ep.name}": spec.autoscaling.metrics[{i}] type {m.type} is not declared in '
+                         f"region {region}: the stack sets no gco:gpuUtilizationMetric")
+        else:
+            metrics.append(declared)
+    spec: dict[str, Any] = {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": ep.name},
+        "minReplicas": a.min_replicas,
+        "maxReplicas": a.max_replicas,
+    }
+    if metrics:
+        spec["metrics"] = metrics
+    elif notes:
+        notes[-1] += ("; with no other metric the HPA scales on the Kubernetes default, "
+                      "80% average CPU utilization")
+    return spec, notes
 
 
 def desired_objects(ep: Endpoint, region: str, settings: ClusterSettings) -> dict[str, dict[str, Any]]:
@@ -214,8 +285,10 @@ def desired_objects(ep: Endpoint, region: str, settings: ClusterSettings) -> dic
         }
     hpa = spec.autoscaling.enabled
     objects = {
+        # With an HPA the count only seeds a new Deployment: the component ignores later changes
+        # of spec.replicas, so the HPA owns it (see component.InferenceEndpoint).
         DEPLOYMENT: _deployment(ep, region, settings, name=ep.name, track="primary", image=image,
-                                replicas=None if hpa else spec.replicas),
+                                replicas=spec.autoscaling.min_replicas if hpa else spec.replicas),
         SERVICE: _service(ep, settings, name=ep.name, track="primary"),
     }
     withdrawn = ep.status_in(region).ingress_withdrawn
@@ -227,19 +300,13 @@ def desired_objects(ep: Endpoint, region: str, settings: ClusterSettings) -> dic
         objects[HPA] = {
             "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
             "metadata": _meta(ep, ep.name, settings),
-            "spec": {
-                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": ep.name},
-                "minReplicas": spec.autoscaling.min_replicas,
-                "maxReplicas": spec.autoscaling.max_replicas,
-                "metrics": [{"type": "Resource", "resource": {
-                    "name": m.type, "target": {"type": "Utilization", "averageUtilization": m.target}}}
-                    for m in spec.autoscaling.metrics],
-            },
+            "spec": _hpa_spec(ep, region, settings)[0],
         }
     if spec.canary:
         cname = canary_name(ep.name)
         objects[CANARY_DEPLOYMENT] = _deployment(ep, region, settings, name=cname, track="canary",
-                                                 image=spec.canary.image, replicas=spec.canary.replicas)
+                                                 image=spec.canary.image, replicas=spec.canary.replicas,
+                                                 args_image=spec.canary.image)
         objects[CANARY_SERVICE] = _service(ep, settings, name=cname, track="canary")
         if not withdrawn:
             # Evaluated before the primary rule on the same path (lower group.order); deleting it
@@ -252,7 +319,7 @@ def desired_objects(ep: Endpoint, region: str, settings: ClusterSettings) -> dic
             notes[ALB + "group.order"] = "-1"
             notes[ALB + "actions.weighted"] = json.dumps(forward, sort_keys=True, separators=(",", ":"))
             objects[CANARY_INGRESS] = _ingress(
-                ep, settings, name=ingress_name(cname), skip_await=True, annotations=notes,
+                ep, settings, name=ingress_name(cname), annotations=notes,
                 backend={"name": "weighted", "port": {"name": "use-annotation"}})
     return objects
 
@@ -265,6 +332,17 @@ def declaration(ep: Endpoint, region: str, settings: ClusterSettings) -> tuple[d
     """
     objects = desired_objects(ep, region, settings)
     return objects, fingerprint(objects, marker=ep.status_in(region).ingress or "")
+
+
+def declaration_notes(ep: Endpoint, region: str, settings: ClusterSettings) -> tuple[str, ...]:
+    """What of the record is not declared in this region and why, for the region status message.
+
+    Empty when everything is declared. Today: autoscaling metrics the cluster cannot serve (a
+    ``gpu`` metric without gco:gpuUtilizationMetric). The endpoint itself is declared either way.
+    """
+    if ep.desired_state not in ("deploying", "running") or not ep.targets(region) or not ep.spec.autoscaling.enabled:
+        return ()
+    return tuple(_hpa_spec(ep, region, settings)[1])
 
 
 def fingerprint(objects: Mapping[str, Any], marker: str = "") -> str:

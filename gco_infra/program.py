@@ -22,7 +22,8 @@ import pulumi_kubernetes as k8s
 
 from . import manifests as m
 from .component import InferenceEndpoint, InferenceEndpointArgs
-from .endpoint import DEFAULT_NAMESPACE, Endpoint, Validated, endpoint_to_item, parse_endpoint, validate_all
+from .endpoint import (DEFAULT_NAMESPACE, Endpoint, Validated, endpoint_to_item, parse_endpoint, record_name,
+                       region_statuses, validate_all)
 from .store import EndpointStore, StoreConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -108,17 +109,33 @@ _CLUSTER_KEYS = (
     ("modelSyncImage", "model_sync_image", str), ("serviceAccount", "service_account", str),
     ("startupFailureThreshold", "startup_failure_threshold", int),
     ("healthcheckIntervalSeconds", "healthcheck_interval_seconds", int),
-    ("skipAwaitAll", "skip_await_all", bool), ("gpuNodeSelectors", "gpu_node_selectors", dict),
+    ("gpuNodeSelectors", "gpu_node_selectors", dict),
+    ("gpuUtilizationMetric", "gpu_utilization_metric", str),
 )
+# A custom-metrics API metric name (it becomes a URL path segment): no spaces, no '/'.
+_METRIC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_:.-]{0,252}$")
+
+
+REMOVED_KEYS = {
+    "skipAwaitAll": "every object already skips the awaits that depend on pods (see manifests._meta); "
+                    "the local environment runs the same controllers as EKS, so remove the key",
+}
 
 
 def settings_from_values(values: Mapping[str, Any], stack: str) -> StackSettings:
     """Settings from the ``gco:`` config values (keys without the namespace); GCO_* env wins."""
+    for key, why in REMOVED_KEYS.items():
+        if values.get(key) is not None:
+            raise ProgramError(f"stack {stack}: gco:{key} is no longer supported: {why}")
     region = values.get("region")
     if not region:
         raise ProgramError(f"stack {stack}: gco:region is not set")
     overrides = {attr: _value(values[key], kind) for key, attr, kind in _CLUSTER_KEYS if values.get(key) is not None}
     cluster = replace(m.ClusterSettings(), **overrides)
+    metric = cluster.gpu_utilization_metric
+    if metric is not None and not (isinstance(metric, str) and _METRIC_NAME.match(metric)):
+        raise ProgramError(f"stack {stack}: gco:gpuUtilizationMetric must be a metric name (letters, digits, "
+                           f"'_', ':', '.', '-'; at most 253), got {metric!r}")
     namespaces = _value(values.get("allowedNamespaces"), list) or [DEFAULT_NAMESPACE]
     if not isinstance(namespaces, list) or not all(isinstance(n, str) for n in namespaces):
         raise ProgramError(f"stack {stack}: gco:allowedNamespaces must be a list of namespace names")
@@ -149,7 +166,7 @@ def settings_from_values(values: Mapping[str, Any], stack: str) -> StackSettings
 
 
 CONFIG_KEYS = ("region", "allowedNamespaces", "clusterName", "awsRegion", "kubeconfig", "kubeContext", "table",
-               "tableRegion", "dynamodbEndpoint", "shards") + tuple(k for k, _, _ in _CLUSTER_KEYS)
+               "tableRegion", "dynamodbEndpoint", "shards") + tuple(k for k, _, _ in _CLUSTER_KEYS) + tuple(REMOVED_KEYS)
 
 
 def load_settings() -> StackSettings:
@@ -262,6 +279,7 @@ def declare(settings: StackSettings, items: list[Mapping[str, Any]],
     resource that is not declared is neither updated nor deleted).
     """
     validated = owned(validate_all(items, allowed_namespaces=settings.allowed_namespaces), settings)
+    raw_items = {record_name(i): i for i in items if isinstance(i, Mapping)}
     result = Declared()
     opts = pulumi.ResourceOptions(providers=[provider]) if provider else None
 
@@ -298,8 +316,19 @@ def declare(settings: StackSettings, items: list[Mapping[str, Any]],
                 raise ProgramError(f'endpoint "{name}" is invalid and its last applied record no longer '
                                    f'validates ({"; ".join(parsed.errors)}); refusing to remove it')
             pulumi.log.warn(f'endpoint "{name}": keeping the last applied declaration in {settings.region}')
-            add(parsed.endpoint, "error")
+            add(with_current_status(parsed.endpoint, raw_items.get(name)), "error")
     return result
+
+
+def with_current_status(kept: Endpoint, item: Mapping[str, Any] | None) -> Endpoint:
+    """A kept (last applied) record with the table's current region status.
+
+    The watchdog's flag lives in the region status, not in the spec: an endpoint whose record turns
+    invalid while its Ingress is withdrawn must keep the Ingress withdrawn (and re-admit it when the
+    health job says so), even though the rest of its declaration is frozen.
+    """
+    raw = item.get("region_status") if isinstance(item, Mapping) else None
+    return replace(kept, region_status=region_statuses(raw))
 
 
 def kept_outputs(previous_endpoints: Mapping[str, Any], declared: Declared,

@@ -72,7 +72,6 @@ MALFORMED = {
     "name starts with digit": (good(endpoint_name="3llama"), "DNS-1035"),
     "name too long": (good(endpoint_name="a" * 51), "at most 50 characters"),
     "name with shell": (good(endpoint_name="x;rm -rf /"), "DNS-1035"),
-    "name reserved suffix": (good(endpoint_name="foo-canary", ingress_path=None), "-canary"),
     "name not string": (good(endpoint_name=Decimal(3)), "endpoint_name is required"),
     "bad desired_state": (good(desired_state="exploded"), "desired_state must be one of"),
     "missing desired_state": (good(desired_state=None), "desired_state is required"),
@@ -124,7 +123,7 @@ MALFORMED = {
     "node_selector bad key": (with_spec(node_selector={"bad key!": "x"}), "spec.node_selector has an invalid label key"),
     "node_selector bad value": (with_spec(node_selector={"zone": "a b"}), "spec.node_selector.zone is not a valid label value"),
     "autoscaling min > max": (with_spec(autoscaling={"enabled": True, "min_replicas": 5, "max_replicas": 2}), "min_replicas must be <= max_replicas (2), got 5"),
-    "autoscaling metric unknown": (with_spec(autoscaling={"enabled": True, "metrics": [{"type": "gpu", "target": 50}]}), "metrics[0].type must be one of cpu, memory"),
+    "autoscaling metric unknown": (with_spec(autoscaling={"enabled": True, "metrics": [{"type": "tpu", "target": 50}]}), "metrics[0].type must be one of cpu, memory, gpu"),
     "autoscaling enabled word": (with_spec(autoscaling={"enabled": "yes"}), "spec.autoscaling.enabled must be true or false"),
     "canary no image": (with_spec(canary={"weight": 10}), "spec.canary.image is required"),
     "canary weight 0": (with_spec(canary={"image": "a/b:2", "weight": 0}), "spec.canary.weight must be >= 1"),
@@ -247,3 +246,167 @@ def test_valid_records_round_trip_through_item(replicas, gpus, port, weight, env
     assert ep is not None
     again = parse_endpoint(copy.deepcopy(endpoint_to_item(ep))).endpoint
     assert again == ep
+
+
+# ---- model directory ----------------------------------------------------------------------------
+
+
+def test_model_source_without_path_syncs_into_the_endpoints_own_directory():
+    ep = parse_endpoint(with_spec(model_source="s3://bucket/llama3/")).endpoint
+    assert ep.spec.model_path == "/models/llama3"  # never the shared volume's root
+    assert parse_endpoint(endpoint_to_item(ep)).endpoint == ep
+    explicit = parse_endpoint(with_spec(model_source="s3://bucket/llama3/", model_path="/opt/model")).endpoint
+    assert explicit.spec.model_path == "/opt/model"
+
+
+# ---- autoscaling on GPU utilisation -------------------------------------------------------------
+
+
+def test_gpu_metric_is_accepted():
+    ep = parse_endpoint(with_spec(autoscaling={"enabled": True, "metrics": [{"type": "gpu", "target": "60"},
+                                                                            {"type": "cpu"}]})).endpoint
+    assert [(m.type, m.target) for m in ep.spec.autoscaling.metrics] == [("gpu", 60), ("cpu", 70)]
+    assert parse_endpoint(copy.deepcopy(endpoint_to_item(ep))).endpoint == ep
+
+
+# ---- names ending in -canary --------------------------------------------------------------------
+
+
+def canary_of(base, **over):
+    return good(endpoint_name=f"{base}-canary", ingress_path=None, **over)
+
+
+def test_name_ending_in_canary_is_allowed_on_its_own():
+    r = parse_endpoint(canary_of("foo"))
+    assert r.ok, r.errors
+    v = validate_all([canary_of("foo"), good(endpoint_name="foo", ingress_path=None)])  # foo has no canary
+    assert set(v.endpoints) == {"foo", "foo-canary"} and not v.invalid
+
+
+def test_name_colliding_with_another_endpoints_canary_objects_is_invalid():
+    base = good(endpoint_name="foo", ingress_path=None)
+    base["spec"] = {**base["spec"], "canary": {"image": "a/b:2", "weight": 10}}
+    v = validate_all([canary_of("foo"), base])
+    assert set(v.endpoints) == {"foo"}  # only the -canary endpoint is marked invalid
+    (error,) = v.invalid["foo-canary"]
+    assert error.startswith('endpoint "foo-canary": endpoint_name ')
+    assert 'endpoint "foo"' in error and "foo-canary" in error and "inference-foo-canary" in error
+
+
+def test_canary_collision_ignores_deleted_and_invalid_owners_and_deleted_claimants():
+    base = good(endpoint_name="foo", ingress_path=None)
+    base["spec"] = {**base["spec"], "canary": {"image": "a/b:2", "weight": 10}}
+    assert "foo-canary" in validate_all([canary_of("foo"), {**base, "desired_state": "deleted"}]).endpoints
+    broken = {**base, "spec": {**base["spec"], "replicas": -1}}
+    assert "foo-canary" in validate_all([canary_of("foo"), broken]).endpoints
+    # a deleted -canary endpoint declares nothing, so it must stay valid to be removed
+    assert "foo-canary" in validate_all([canary_of("foo", desired_state="deleted"), base]).endpoints
+
+
+# ---- region_status written by other tools -------------------------------------------------------
+
+R = "us-east-1"
+MALFORMED_REGION_STATUS = {
+    "not a map": ("running", {}),
+    "list": ([{"state": "running"}], {}),
+    "number": (Decimal(7), {}),
+    "entry not a map": ({R: "running"}, {}),
+    "entry list": ({R: ["running"]}, {}),
+    "region key not a string": ({Decimal(1): {"state": "running"}}, {}),
+    "unknown state": ({R: {"state": "exploded"}}, {"state": None}),
+    "state not a string": ({R: {"state": {"x": 1}}}, {"state": None}),
+    "replicas word": ({R: {"replicas_ready": "three"}}, {"replicas_ready": None}),
+    "replicas infinite": ({R: {"replicas_ready": Decimal("Infinity")}}, {"replicas_ready": None}),
+    "replicas NaN": ({R: {"replicas_desired": Decimal("NaN")}}, {"replicas_desired": None}),
+    "replicas float infinity": ({R: {"replicas_ready": float("inf")}}, {"replicas_ready": None}),
+    "replicas astronomically large": ({R: {"replicas_ready": Decimal("1e400000")}}, {"replicas_ready": None}),
+    "replicas fractional": ({R: {"replicas_ready": Decimal("1.5")}}, {"replicas_ready": None}),
+    "replicas negative": ({R: {"replicas_ready": -3}}, {"replicas_ready": None}),
+    "replicas bool": ({R: {"replicas_ready": True}}, {"replicas_ready": None}),
+    "replicas nested": ({R: {"replicas_ready": {"a": [1]}}}, {"replicas_ready": None}),
+    "huge error": ({R: {"state": "error", "error": "x" * 100_000}}, {"state": "error", "error": None}),
+    "huge ingress flag": ({R: {"ingress": "withdrawn" + "x" * 5000}}, {"ingress": None}),
+    "ingress not a string": ({R: {"ingress": ["withdrawn"]}}, {"ingress": None}),
+    "nested garbage": ({R: {"state": "running", "message": {"a": {"b": [Decimal("NaN")]}}, "x": [[[]]]}},
+                       {"state": "running", "message": None}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_REGION_STATUS))
+def test_malformed_region_status_never_fails_the_record(case):
+    value, expected = MALFORMED_REGION_STATUS[case]
+    r = parse_endpoint(good(region_status=value))
+    assert r.ok, r.errors
+    status = r.endpoint.status_in(R)
+    for key, want in expected.items():
+        assert getattr(status, key) == want, (key, getattr(status, key))
+    assert set(validate_all([good(region_status=value)]).endpoints) == {"llama3"}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_REGION_STATUS))
+def test_malformed_region_status_is_described(case):
+    from gco_infra.endpoint import region_status_problem
+
+    value, _ = MALFORMED_REGION_STATUS[case]
+    problem = region_status_problem(good(region_status=value))
+    assert problem and problem.startswith('endpoint "llama3": region_status'), problem
+    assert len(problem) < 2000
+
+
+def test_region_status_problem_names_the_endpoint_field_and_type():
+    from gco_infra.endpoint import region_status_problem
+
+    assert region_status_problem(good(region_status="junk")) == 'endpoint "llama3": region_status must be a map, got str'
+    assert region_status_problem(good(region_status={R: ["x"]})) == f'endpoint "llama3": region_status.{R} must be a map, got list'
+    assert "region_status.us-east-1.state must be one of pending" in region_status_problem(good(region_status={R: {"state": "boom"}}))
+    assert region_status_problem(good()) is None
+    assert region_status_problem(good(region_status={R: {"state": "running", "replicas_ready": Decimal(2),
+                                                         "last_sync": "2026-01-01T00:00:00Z", "other_tool": {"x": 1}}})) is None
+    assert region_status_problem(["not", "an", "item"]) is None  # the record's own error, reported by parse
+
+
+def test_stored_region_status_returns_the_raw_map_only():
+    from gco_infra.endpoint import stored_region_status
+
+    raw = {"state": "running", "replicas_ready": Decimal(1), "other_tool": {"x": [1]}}
+    assert stored_region_status(good(region_status={R: raw}), R) == raw
+    assert stored_region_status(good(region_status={R: raw}), "eu-west-1") is None
+    assert stored_region_status(good(), R) is None
+    assert stored_region_status(good(region_status="junk"), R) is None
+    assert stored_region_status(good(region_status={R: "running"}), R) is None
+    assert stored_region_status("not an item", R) is None
+
+
+region_keys = st.sampled_from(["state", "replicas_ready", "replicas_desired", "last_sync", "error", "ingress",
+                               "unready_since", "message"]) | st.text(max_size=8)
+region_values = json_values | st.sampled_from(["running", "withdrawn", "x" * 5000]) \
+    | st.floats(allow_nan=True, allow_infinity=True) | st.decimals(allow_nan=True, allow_infinity=True)
+region_status_values = json_values | st.dictionaries(
+    st.sampled_from([R, "eu-west-1"]) | st.text(max_size=8) | st.integers(),
+    json_values | st.dictionaries(region_keys, region_values, max_size=6), max_size=3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(region_status_values)
+def test_arbitrary_region_status_never_raises(value):
+    item = good(region_status=value)
+    r = parse_endpoint(item)
+    assert r.ok, r.errors
+    s = r.endpoint.status_in(R)
+    assert s.state is None or s.state in ("pending", "creating", "running", "updating", "stopping", "stopped",
+                                          "deleting", "deleted", "error")
+    assert all(v is None or (isinstance(v, int) and v >= 0) for v in (s.replicas_ready, s.replicas_desired))
+    assert all(v is None or len(v) <= 4096 for v in (s.last_sync, s.error, s.ingress, s.unready_since, s.message))
+    assert set(validate_all([item]).endpoints) == {"llama3"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(region_status_values)
+def test_region_status_helpers_never_raise(value):
+    from gco_infra.endpoint import region_status_problem, stored_region_status
+
+    item = good(region_status=value)
+    problem = region_status_problem(item)
+    assert problem is None or problem.startswith('endpoint "llama3": ')
+    stored = stored_region_status(item, R)
+    assert stored is None or isinstance(stored, dict)

@@ -8,7 +8,10 @@ import pulumi
 import pytest
 
 from gco_infra.endpoint import endpoint_to_item, parse_endpoint
-from gco_infra.program import ProgramError, StackSettings, declare, export, kept_outputs
+from gco_infra.program import (
+    CONFIG_KEYS, ProgramError, StackSettings, declare, export, kept_outputs, settings_from_stack_file,
+    settings_from_values,
+)
 
 REGION = "us-east-1"
 DEP, SVC, ING, HPA = ("kubernetes:apps/v1:Deployment", "kubernetes:core/v1:Service",
@@ -86,7 +89,7 @@ def test_untargeted_region_declares_nothing():
 def test_hpa():
     got, inputs, _, _ = run([item(replicas=3, autoscaling={"enabled": True, "max_replicas": 5})])
     assert got == plain() | {(HPA, "llama3")}
-    assert "replicas" not in inputs[f"llama3|{DEP}"]["spec"]
+    assert inputs[f"llama3|{DEP}"]["spec"]["replicas"] == 1  # min_replicas seeds a new Deployment only
 
 
 def test_canary():
@@ -111,7 +114,7 @@ def test_spot():
 def test_s3_model_source():
     _, inputs, _, _ = run([item(model_source="s3://bucket/llama3")])
     init = inputs[f"llama3|{DEP}"]["spec"]["template"]["spec"]["initContainers"][0]
-    assert init["args"][:4] == ["s3", "sync", "s3://bucket/llama3", "/models"]
+    assert init["args"][:4] == ["s3", "sync", "s3://bucket/llama3", "/models/llama3"]
 
 
 def test_vllm_root_path():
@@ -135,6 +138,21 @@ def test_invalid_record_next_to_valid_ones_keeps_last_applied_declaration():
     assert declared.invalid == {"broken": ['endpoint "broken": spec.replicas must be >= 0, got -2']}
     assert declared.outputs["broken"]["state"] == "error"
     assert calls == [1]
+
+
+def test_invalid_record_keeps_the_watchdogs_withdrawal():
+    """The kept declaration is frozen, the watchdog's flag is not: an endpoint whose record turned
+    invalid while its Ingress was withdrawn gets neither Ingress back, nor the canary's."""
+    last_good = endpoint_to_item(parse_endpoint(item("broken", canary={"image": "a/b:2", "weight": 10})).endpoint)
+    broken = item("broken", replicas=-2)
+    broken["region_status"] = {REGION: {"state": "running", "ingress": "withdrawn"}}
+    got, _, declared, _ = run([broken], previous={"broken": last_good})
+    assert (ING, "inference-broken") not in got and (ING, "inference-broken-canary") not in got
+    assert (DEP, "broken") in got and (DEP, "broken-canary") in got
+    broken["region_status"][REGION]["ingress"] = "active"  # re-admitted by the health job
+    got2, _, declared2, _ = run([broken], previous={"broken": last_good})
+    assert {(ING, "inference-broken"), (ING, "inference-broken-canary")} <= got2
+    assert declared.outputs["broken"]["fingerprint"] != declared2.outputs["broken"]["fingerprint"]
 
 
 def test_new_invalid_record_is_reported_and_declares_nothing():
@@ -220,3 +238,46 @@ def test_kept_outputs_merge_untargeted_entries_with_the_new_ones():
     assert merged["a"]["fingerprint"] == "aaaa"
     assert isinstance(merged["a"]["record"], pulumi.Output)  # kept records stay secret
     assert merged["b"]["fingerprint"] == declared.outputs["b"]["fingerprint"] != "old"
+
+
+# ---- stack config: cluster conventions --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stack", ["us-east-1", "us-west-2", "eu-west-1"])
+def test_eks_stacks_take_the_platform_cluster_defaults(stack):
+    cluster = settings_from_stack_file(stack).cluster
+    assert cluster.model_volume_claim == "efs-claim"
+    assert cluster.service_account == "gco-service-account"
+    assert cluster.gpu_node_selectors["nvidia"] == {"eks.amazonaws.com/instance-gpu-manufacturer": "nvidia"}
+    assert cluster.gpu_node_selectors["neuron"] == {"accelerator": "neuron"}
+    assert cluster.gpu_utilization_metric is None
+
+
+def test_cluster_conventions_are_overridable_in_stack_config():
+    cluster = settings_from_values({
+        "region": REGION, "modelVolumeClaim": "models", "serviceAccount": "team-sa",
+        "gpuNodeSelectors": '{"nvidia": {"nvidia.com/gpu.present": "true"}}',
+        "gpuUtilizationMetric": "DCGM_FI_DEV_GPU_UTIL",
+    }, "s").cluster
+    assert (cluster.model_volume_claim, cluster.service_account) == ("models", "team-sa")
+    assert cluster.gpu_node_selectors == {"nvidia": {"nvidia.com/gpu.present": "true"}}
+    assert cluster.gpu_utilization_metric == "DCGM_FI_DEV_GPU_UTIL"
+    assert "gpuUtilizationMetric" in CONFIG_KEYS  # read by pulumi.Config inside the engine too
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "has space", "x" * 300])
+def test_gpu_utilization_metric_must_be_a_metric_name(bad):
+    with pytest.raises(ProgramError, match="gco:gpuUtilizationMetric"):
+        settings_from_values({"region": REGION, "gpuUtilizationMetric": bad}, "s")
+
+
+# ---- names ending in -canary ------------------------------------------------------------------------
+
+
+def test_endpoint_named_like_another_endpoints_canary_is_reported_not_declared():
+    got, _, declared, _ = run([item("x", canary={"image": "org/server:2", "weight": 10}), item("x-canary")])
+    assert got == plain("x") | {(DEP, "x-canary"), (SVC, "x-canary"), (ING, "inference-x-canary")}
+    assert (COMP, "x-canary") not in got
+    assert 'endpoint "x"' in declared.invalid["x-canary"][0]
+    got, _, declared, _ = run([item("x"), item("x-canary")])
+    assert got == plain("x") | plain("x-canary") and not declared.invalid
