@@ -114,10 +114,22 @@ def _print_status(env: localenv.LocalEnv) -> bool:
 
 
 def _local_store() -> EndpointStore:
+    """The local environment's table once it was started here, whether or not it answers now (a
+    table that does not answer fails the command; it never sends it to another table); else the
+    table of $GCO_TABLE / $GCO_DYNAMODB_ENDPOINT / AWS."""
     env = localenv.LocalEnv.load()
-    if env.moto_port and env.status().get("dynamodb"):
+    if env.moto_port:
         return env.store()
     return EndpointStore(StoreConfig.from_env())
+
+
+class TableUnreadable(click.ClickException):
+    """The table could not be read completely: exit 3, as `run --once` does (nothing was changed)."""
+
+    exit_code = 3  # runner.EXIT_STORE (runner is imported lazily here)
+
+    def __init__(self, exc: StoreError, consequence: str = "") -> None:
+        super().__init__(f"the table could not be read{'; ' + consequence if consequence else ''}: {exc}")
 
 
 # ---- endpoints (writes the platform's item shape) ----------------------------------------------------------
@@ -127,7 +139,9 @@ def _local_store() -> EndpointStore:
 def endpoints() -> None:
     """Put desired endpoints into the table, as the platform's CLI does.
 
-    Uses the local environment's DynamoDB when it runs, else $GCO_TABLE / $GCO_DYNAMODB_ENDPOINT / AWS.
+    Uses the local environment's DynamoDB once `gco-infra local up` has started it here (until
+    `local down --wipe`), else $GCO_TABLE / $GCO_DYNAMODB_ENDPOINT / AWS. Exit 3 when the table
+    cannot be read.
     """
 
 
@@ -168,8 +182,11 @@ def endpoints_set_state(name: str, state: str) -> None:
     store = _local_store()
     try:
         item = store.get(name)
-        if item is None:
-            raise click.ClickException(f'endpoint "{name}" does not exist')
+    except StoreError as exc:
+        raise TableUnreadable(exc, "nothing was changed") from exc
+    if item is None:
+        raise click.ClickException(f'endpoint "{name}" does not exist')
+    try:
         if not store.set_desired_state(name, state, expected=item.get("desired_state")):
             raise click.ClickException(f'endpoint "{name}" changed while updating; try again')
     except StoreError as exc:
@@ -184,7 +201,7 @@ def endpoints_list(as_json: bool) -> None:
     try:
         items = _local_store().list_endpoints()
     except StoreError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise TableUnreadable(exc) from exc
     if as_json:
         from .store import plain
 
@@ -228,7 +245,7 @@ def build_runner(stacks: list[str], opts: Any, progress):
     is_local = all(s.kubeconfig and not s.cluster_name for s in settings)
     if is_local:
         env_obj = localenv.LocalEnv.load()
-        if not env_obj.status().get("dynamodb"):
+        if not env_obj.moto_port:  # never started here; once started, a table that is down fails the tick (exit 3)
             raise click.ClickException("the local environment is not running: run `gco-infra local up` first")
         settings = [with_local_overrides(s, str(env_obj.kubeconfig(s.region)), env_obj.dynamodb_endpoint, env_obj.table)
                     for s in settings]
@@ -302,7 +319,7 @@ def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float,
             try:
                 results = runner.tick(force_full=full and first)
             except StoreError as exc:
-                log.error("tick stopped before any change: table unreadable", error=str(exc))
+                log.error("tick stopped before any change: the table could not be read", error=str(exc))
                 code = EXIT_STORE
                 results = []
             except ProgramError as exc:
@@ -364,7 +381,7 @@ def preview(stacks: tuple[str, ...], markdown: bool, as_json: bool, refresh: boo
     try:
         items = runner.store.list_endpoints()
     except StoreError as exc:
-        raise click.ClickException(f"{exc}; no preview without a complete read of the table") from exc
+        raise TableUnreadable(exc, "no preview without a complete read") from exc
     from .preview import StackPreview
 
     try:
@@ -419,9 +436,11 @@ def known_regions(root: Path = PROJECT_ROOT) -> list[str]:
 @click.option("--in-cluster", is_flag=True, help="Use the pod's service account instead of a kubeconfig.")
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None, help="Kubeconfig (default: the local environment's).")
 @click.option("--liveness-port", type=int, default=None, help="Serve /healthz here: 200 while ticks succeed.")
+@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
+              help="Seconds before any one Kubernetes API call gives up (the Lease's included).")
 def health(stack: str, once: bool, interval: float, threshold: float, lease_namespace: str, lease_seconds: int,
            renew_deadline: float, no_leader_election: bool, in_cluster: bool, kubeconfig: str | None,
-           liveness_port: int | None) -> None:
+           liveness_port: int | None, request_timeout: float) -> None:
     """Readiness, the Ingress watchdog, promotion and purge for one regional cluster, written to the table."""
     from kubernetes import client as kclient
     from kubernetes import config as kconfig
@@ -446,9 +465,9 @@ def health(stack: str, once: bool, interval: float, threshold: float, lease_name
             raise click.ClickException(f"stack {stack}: no kubeconfig; pass --kubeconfig or --in-cluster")
         api = kconfig.new_client_from_config(path)
     elector = None if no_leader_election else LeaseElector(api, lease_namespace, lease_seconds=lease_seconds,
-                                                            renew_deadline=renew_deadline)
+                                                            renew_deadline=renew_deadline, request_timeout=request_timeout)
     job = HealthJob(store, api, settings.region, settings.allowed_namespaces, threshold=threshold,
-                    known_regions=known_regions(), elector=elector)
+                    known_regions=known_regions(), elector=elector, request_timeout=request_timeout)
     if liveness_port:
         serve_liveness(job_is_healthy(job, max_age=max(3 * interval, 60)), liveness_port)
     while True:
@@ -456,7 +475,8 @@ def health(stack: str, once: bool, interval: float, threshold: float, lease_name
         report = job.tick()
         log.info("health", region=settings.region, leader=report.leader, endpoints=report.endpoints, writes=report.writes,
                  withdrawn=report.withdrawn or None, readmitted=report.readmitted or None, promoted=report.promoted or None,
-                 purged=report.purged or None, api_calls=report.api_calls, error=report.error)
+                 purged=report.purged or None, invalid=report.invalid or None, problems=report.problems or None,
+                 api_calls=report.api_calls, error=report.error)
         if once:
             sys.exit(1 if report.error else 0 if report.leader else 75)
         time.sleep(max(0.0, interval - (time.monotonic() - started)))

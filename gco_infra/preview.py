@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -132,10 +134,47 @@ def preview_stack(settings: StackSettings, items: list[dict[str, Any]], env: Map
 
 # ---- rendering (pure) ---------------------------------------------------------------------------------------------
 
+_BREAKS = ("Cc", "Cf", "Zl", "Zp", "Cs")
+"""Unicode categories that become a space: line breaks, controls, bidi overrides and other format characters."""
+_BACKSLASHED = re.compile(r"([\\`*_~\[\]|$#])")
+_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "@": "@&#8203;"}
+"""HTML out of the way, and a zero-width space after @ so no one is mentioned (GitHub links mentions
+after rendering, so a backslash would not stop it)."""
+_LIST_START = re.compile(r"^([-+=]|[0-9]+(?=[.)]))")
+"""What would start a list inside a list item (``> - <region>``) if a value began with it."""
+_CODE_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/\[\]-]*")
+
+
+def md_text(value: Any, limit: int = 200) -> str:
+    """``value`` (text from the table or the engine) as inert Markdown inline text, on one line.
+
+    Every comment value goes through here: line breaks and control characters become spaces (a
+    table row stays one row), Markdown punctuation is backslash-escaped (pipes cannot split cells,
+    no code spans, emphasis, links or math), HTML is written as entities, and ``@`` cannot mention.
+    Long values are cut to ``limit`` characters.
+    """
+    text = "".join(" " if unicodedata.category(ch) in _BREAKS else ch for ch in str(value))
+    text = re.sub(" +", " ", text).strip()
+    if len(text) > limit:
+        text = text[:limit - 1].rstrip() + "…"
+    text = _BACKSLASHED.sub(r"\\\1", text)
+    text = "".join(_ENTITIES.get(ch, ch) for ch in text)
+    start = _LIST_START.match(text)
+    if start:  # "-x" -> "\-x", "1. x" -> "1\. x"
+        cut = 0 if start.group(1) in "-+=" else start.end()
+        text = text[:cut] + "\\" + text[cut:]
+    return text
+
+
+def _code(value: Any) -> str:
+    """A name in code format when it is plainly one (letters, digits, ``._:/[]-``); else md_text."""
+    text = str(value)
+    return f"`{text}`" if len(text) <= 200 and _CODE_SAFE.fullmatch(text) else md_text(text)
+
 
 def _summary_line(p: StackPreview) -> str:
     if p.error:
-        return f"preview failed: {p.error}"
+        return f"preview failed: {md_text(p.error, limit=2_000)}"
     counts = ", ".join(f"{p.count(op)} to {op}" for op in ("create", "update", "replace", "delete"))
     return counts
 
@@ -150,7 +189,8 @@ def render_markdown(previews: list[StackPreview], limit: int = COMMENT_LIMIT - 1
         head.append(f"> **Warning: {reps} replacement(s) and {dels} deletion(s).** Replacements recreate running objects; "
                     "deletions remove them.")
         for p, c in risky[:20]:
-            head.append(f"> - {p.region}: **{c.op}** {c.resource} (endpoint `{c.endpoint}`, cause: {c.cause})")
+            head.append(f"> - {md_text(p.region)}: **{c.op}** {md_text(c.resource)} (endpoint {_code(c.endpoint)}, "
+                        f"cause: {md_text(c.cause)})")
         if len(risky) > 20:
             head.append(f"> - ... and {len(risky) - 20} more, listed per region below")
         head.append("")
@@ -165,10 +205,10 @@ def render_markdown(previews: list[StackPreview], limit: int = COMMENT_LIMIT - 1
         head.append("No changes in any region.")
     sections: list[list[str]] = []
     for p in previews:
-        sec = [f"### {p.region} (stack `{p.stack}`): {_summary_line(p)}", ""]
+        sec = [f"### {md_text(p.region)} (stack {_code(p.stack)}): {_summary_line(p)}", ""]
         if p.invalid:
             sec.append("Invalid records (their last applied declaration is kept): " +
-                       "; ".join(f"`{n}`: {e[0]}" for n, e in sorted(p.invalid.items())))
+                       "; ".join(f"{_code(n)}: {md_text(e[0], limit=500)}" for n, e in sorted(p.invalid.items())))
             sec.append("")
         if p.changes:
             sec.append("| endpoint | cause | op | resource | changed fields |")
@@ -176,8 +216,8 @@ def render_markdown(previews: list[StackPreview], limit: int = COMMENT_LIMIT - 1
         sections.append(sec)
 
     def row(c: Change) -> str:
-        fields = ", ".join(f"`{f}`" for f in c.fields[:6]) + (f" (+{len(c.fields) - 6})" if len(c.fields) > 6 else "")
-        return f"| `{c.endpoint}` | {c.cause} | {c.op} | {c.resource} | {fields} |"
+        fields = ", ".join(_code(f) for f in c.fields[:6]) + (f" (+{len(c.fields) - 6})" if len(c.fields) > 6 else "")
+        return f"| {_code(c.endpoint)} | {md_text(c.cause)} | {c.op} | {md_text(c.resource)} | {fields} |"
 
     # Fill rows round-robin across regions while the budget lasts; then summarise what is left.
     budget = limit - len("\n".join(head)) - sum(len("\n".join(s)) + 400 for s in sections)
@@ -200,7 +240,7 @@ def render_markdown(previews: list[StackPreview], limit: int = COMMENT_LIMIT - 1
             by: dict[tuple[str, str], int] = {}
             for c in rest:
                 by[(c.op, c.cause)] = by.get((c.op, c.cause), 0) + 1
-            parts = ", ".join(f"{n} {op} ({cause})" for (op, cause), n in sorted(by.items()))
+            parts = ", ".join(f"{n} {op} ({md_text(cause)})" for (op, cause), n in sorted(by.items()))
             sections[i] += ["", f"... and {len(rest)} more changes not listed to fit one comment: {parts}."]
         sections[i].append("")
     return "\n".join(head + [line for s in sections for line in s]).rstrip() + "\n"

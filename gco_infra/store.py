@@ -2,44 +2,111 @@
 
 Reads are complete or fail: a scan that cannot reach its last page raises StoreError instead of
 returning a shorter list, because the program deletes what the table forgets. Writes are
-conditional: no lost updates, no resurrected items.
+conditional: no lost updates, no resurrected items. Every call is bounded in time (see StoreConfig):
+a table that stops answering fails the operation within seconds rather than holding a tick.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import boto3
 from boto3.dynamodb.conditions import Attr
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 DEFAULT_TABLE = "gco-inference-endpoints"
 MAX_PAGES = 100_000
 BATCH_GET = 100
 MAX_UNPROCESSED_RETRIES = 8
-_CLIENT_CONFIG = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=30)
+_THROTTLE_BACKOFF = (1.0, 20.0)
+"""botocore's standard retry mode: the n-th retry of a throttled request waits up to min(1 s * 2**n, 20 s)
+(25 ms * 2**n for other errors from DynamoDB and its stream)."""
 
 
 class StoreError(RuntimeError):
     """The table could not be read or written completely; nothing should change."""
 
 
+class StreamError(StoreError):
+    """The table's stream could not be read; the table itself may be fine (TableCache scans instead)."""
+
+
 def utcnow() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
+def _env_number(name: str, default: float, kind: type = float) -> Any:
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a {'whole number' if kind is int else 'number of seconds'}, "
+                         f"got {raw!r}") from None
+
+
 @dataclass(frozen=True)
 class StoreConfig:
+    """Where the table is and how long any call to it may take.
+
+    The time bounds default to their environment variables (GCO_DYNAMODB_CONNECT_TIMEOUT,
+    GCO_DYNAMODB_READ_TIMEOUT, GCO_DYNAMODB_MAX_ATTEMPTS, GCO_DYNAMODB_OPERATION_TIMEOUT), else to
+    built-in values, so every store of a process (the runner's, the local environment's) honours the
+    same overrides. See ``request_worst_case`` and ``operation_worst_case`` for what they add up to.
+    """
+
     table: str = DEFAULT_TABLE
     region: str | None = None
     endpoint_url: str | None = None
     """A local DynamoDB (moto server) URL; None means AWS."""
+    connect_timeout: float = field(default_factory=lambda: _env_number("GCO_DYNAMODB_CONNECT_TIMEOUT", 3.0))
+    """Seconds to open a connection (per attempt)."""
+    read_timeout: float = field(default_factory=lambda: _env_number("GCO_DYNAMODB_READ_TIMEOUT", 5.0))
+    """Seconds to wait for the server on an open connection (per attempt)."""
+    max_attempts: int = field(default_factory=lambda: _env_number("GCO_DYNAMODB_MAX_ATTEMPTS", 3, int))
+    """Attempts per request, the first included (botocore's standard retry mode)."""
+    operation_timeout: float = field(default_factory=lambda: _env_number("GCO_DYNAMODB_OPERATION_TIMEOUT", 60.0))
+    """Seconds one logical operation (every page of a scan, every batch of a re-read) may keep
+    starting requests; a request is not started after it."""
+
+    def __post_init__(self) -> None:
+        for name, env in (("connect_timeout", "GCO_DYNAMODB_CONNECT_TIMEOUT"), ("read_timeout", "GCO_DYNAMODB_READ_TIMEOUT"),
+                          ("operation_timeout", "GCO_DYNAMODB_OPERATION_TIMEOUT")):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} ({env}) must be more than 0 seconds, got {getattr(self, name)!r}")
+        if not (isinstance(self.max_attempts, int) and self.max_attempts >= 1):
+            raise ValueError(f"max_attempts (GCO_DYNAMODB_MAX_ATTEMPTS) must be at least 1, got {self.max_attempts!r}")
+
+    @property
+    def request_worst_case(self) -> float:
+        """Seconds one request can take when the server does not answer: every attempt's connect
+        and read timeouts, plus the longest backoff between attempts (throttling's).
+
+        Not covered: DNS resolution (no timeout in the resolver), a hostname whose addresses are
+        tried one after another (a connect timeout each), and a server that trickles bytes (the read
+        timeout is per socket read). Against a silent server or a closed port, this is the bound.
+        """
+        base, cap = _THROTTLE_BACKOFF
+        backoff = sum(min(base * 2 ** n, cap) for n in range(self.max_attempts - 1))
+        return self.max_attempts * (self.connect_timeout + self.read_timeout) + backoff
+
+    @property
+    def operation_worst_case(self) -> float:
+        """Seconds one logical operation (a whole paginated scan, a batched re-read, a stream read)
+        can take: the deadline, then at most one more request that was started just before it."""
+        return self.operation_timeout + self.request_worst_case
+
+    def client_config(self) -> Config:
+        return Config(connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
+                      retries={"total_max_attempts": self.max_attempts, "mode": "standard"})
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "StoreConfig":
@@ -78,7 +145,21 @@ def _dynamo(value: Any) -> Any:
     return value
 
 
+def _no_answer(exc: Exception) -> bool:
+    """The server did not answer: refused, unreachable, timed out, or the connection dropped."""
+    return isinstance(exc, (BotoConnectionError, HTTPClientError))
+
+
 class EndpointStore:
+    """The table, through clients whose every request is bounded (StoreConfig).
+
+    A request that gets no answer (connect or read timeout, refused, dropped) within its retry
+    budget raises StoreError naming the endpoint. A read that takes several requests (a paginated
+    scan, batched re-reads, stream pages) starts none after ``operation_timeout``, so any read takes
+    at most ``config.operation_worst_case`` seconds; a write at most two requests'
+    ``config.request_worst_case`` (write_region_status may need two conditional updates).
+    """
+
     def __init__(self, config: StoreConfig, *, session: boto3.session.Session | None = None) -> None:
         self.config = config
         session = session or boto3.session.Session()
@@ -86,28 +167,57 @@ class EndpointStore:
         self._streams_client: Any = None
         self._client = session.client(
             "dynamodb", region_name=config.region or "us-east-1", endpoint_url=config.endpoint_url,
-            config=_CLIENT_CONFIG,
+            config=config.client_config(),
         )
         self._table = session.resource(
             "dynamodb", region_name=config.region or "us-east-1", endpoint_url=config.endpoint_url,
-            config=_CLIENT_CONFIG,
+            config=config.client_config(),
         ).Table(config.table)
         self.calls = 0
         """DynamoDB requests made, for benchmarks and tests."""
 
+    @property
+    def endpoint(self) -> str:
+        """The URL the table's requests go to (AWS's regional endpoint when none is configured)."""
+        return self._client.meta.endpoint_url
+
+    def _request(self, what: str, call: Callable[..., Any], /, *, since: float | None = None,
+                 stream: bool = False, conditional: bool = False, **kwargs: Any) -> Any:
+        """One request of the operation ``what`` that began at ``since`` (time.monotonic(); None: now).
+
+        Failures become StoreError (StreamError for the stream) saying what failed and, when the
+        server did not answer, where. ``conditional``: a failed condition returns None instead.
+        """
+        error = StreamError if stream else StoreError
+        where = self._streams.meta.endpoint_url if stream else self.endpoint
+        cfg = self.config
+        if since is not None and time.monotonic() - since > cfg.operation_timeout:
+            raise error(f"{what} failed: DynamoDB at {where} did not answer within the {cfg.operation_timeout:g} s "
+                        f"allowed for one operation (GCO_DYNAMODB_OPERATION_TIMEOUT)")
+        self.calls += 1
+        try:
+            return call(**kwargs)
+        except ClientError as exc:
+            if conditional and exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                return None
+            raise error(f"{what} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            if _no_answer(exc):
+                raise error(f"{what} failed: DynamoDB at {where} did not answer ({cfg.max_attempts} attempts, "
+                            f"connect timeout {cfg.connect_timeout:g} s, read timeout {cfg.read_timeout:g} s): {exc}") from exc
+            raise error(f"{what} failed: {exc}") from exc
+
     # ---- reads ---------------------------------------------------------------------------------
 
     def _pages(self) -> Iterator[list[dict[str, Any]]]:
+        what = f"reading table {self.config.table}"
+        since = time.monotonic()
         start: dict[str, Any] | None = None
         for _ in range(MAX_PAGES):
             kwargs: dict[str, Any] = {"ConsistentRead": True}
             if start:
                 kwargs["ExclusiveStartKey"] = start
-            try:
-                self.calls += 1
-                page = self._table.scan(**kwargs)
-            except (ClientError, BotoCoreError) as exc:
-                raise StoreError(f"reading table {self.config.table} failed: {exc}") from exc
+            page = self._request(what, self._table.scan, since=since, **kwargs)
             yield page.get("Items", [])
             start = page.get("LastEvaluatedKey")
             if not start:
@@ -115,32 +225,30 @@ class EndpointStore:
         raise StoreError(f"reading table {self.config.table} did not finish after {MAX_PAGES} pages")
 
     def list_endpoints(self) -> list[dict[str, Any]]:
-        """Every item, all pages, consistent reads; raises StoreError rather than return part."""
+        """Every item, all pages, consistent reads; raises StoreError rather than return part.
+
+        Takes at most ``config.operation_worst_case`` seconds, however many pages the table has.
+        """
         items: list[dict[str, Any]] = []
         for page in self._pages():
             items.extend(page)
         return items
 
     def get(self, name: str) -> dict[str, Any] | None:
-        try:
-            self.calls += 1
-            return self._table.get_item(Key={"endpoint_name": name}, ConsistentRead=True).get("Item")
-        except (ClientError, BotoCoreError) as exc:
-            raise StoreError(f'reading endpoint "{name}" failed: {exc}') from exc
+        return self._request(f'reading endpoint "{name}"', self._table.get_item,
+                             Key={"endpoint_name": name}, ConsistentRead=True).get("Item")
 
     def get_many(self, names: list[str]) -> dict[str, dict[str, Any]]:
         """The items of ``names`` that exist, consistent reads, all of them or StoreError."""
+        what = f"reading table {self.config.table}"
+        since = time.monotonic()
         found: dict[str, dict[str, Any]] = {}
         client = self._table.meta.client  # the resource's client: Python values, as scans return
         for start in range(0, len(names), BATCH_GET):
             keys: dict[str, Any] = {self.config.table: {
                 "Keys": [{"endpoint_name": n} for n in names[start:start + BATCH_GET]], "ConsistentRead": True}}
             for attempt in range(MAX_UNPROCESSED_RETRIES):
-                try:
-                    self.calls += 1
-                    out = client.batch_get_item(RequestItems=keys)
-                except (ClientError, BotoCoreError) as exc:
-                    raise StoreError(f"reading table {self.config.table} failed: {exc}") from exc
+                out = self._request(what, client.batch_get_item, since=since, RequestItems=keys)
                 for got in out.get("Responses", {}).get(self.config.table, []):
                     found[got["endpoint_name"]] = got
                 keys = out.get("UnprocessedKeys") or {}
@@ -159,16 +267,13 @@ class EndpointStore:
         if self._streams_client is None:
             self._streams_client = self._session.client(
                 "dynamodbstreams", region_name=self.config.region or "us-east-1", endpoint_url=self.config.endpoint_url,
-                config=_CLIENT_CONFIG)
+                config=self.config.client_config())
         return self._streams_client
 
     def stream_arn(self) -> str | None:
         """The table's current stream, or None when it has none enabled."""
-        try:
-            self.calls += 1
-            table = self._client.describe_table(TableName=self.config.table)["Table"]
-        except (ClientError, BotoCoreError) as exc:
-            raise StoreError(f"describing table {self.config.table} failed: {exc}") from exc
+        table = self._request(f"describing table {self.config.table}", self._client.describe_table,
+                              TableName=self.config.table)["Table"]
         if not (table.get("StreamSpecification") or {}).get("StreamEnabled"):
             return None
         return table.get("LatestStreamArn")
@@ -178,15 +283,18 @@ class EndpointStore:
 
         None when the shard list cannot be trusted to cover every write from now on: no open shard,
         or a closed shard whose successor is not listed yet (a shard rollover in progress).
+        StreamError when the stream cannot be read.
         """
+        what = f"reading the stream of table {self.config.table}"
+        since = time.monotonic()
         shards: list[dict[str, Any]] = []
         start: str | None = None
         for _ in range(MAX_PAGES):
             kwargs: dict[str, Any] = {"StreamArn": arn}
             if start:
                 kwargs["ExclusiveStartShardId"] = start
-            self.calls += 1
-            desc = self._streams.describe_stream(**kwargs)["StreamDescription"]
+            desc = self._request(what, self._streams.describe_stream, since=since, stream=True,
+                                 **kwargs)["StreamDescription"]
             shards += desc.get("Shards", [])
             start = desc.get("LastEvaluatedShardId")
             if not start:
@@ -199,8 +307,8 @@ class EndpointStore:
         for shard in shards:
             if shard["ShardId"] in closed:
                 continue  # its records are older than the scan that follows
-            self.calls += 1
-            positions[shard["ShardId"]] = self._streams.get_shard_iterator(
+            positions[shard["ShardId"]] = self._request(
+                what, self._streams.get_shard_iterator, since=since, stream=True,
                 StreamArn=arn, ShardId=shard["ShardId"], ShardIteratorType="LATEST")["ShardIterator"]
         return positions
 
@@ -208,11 +316,14 @@ class EndpointStore:
         """Keys written since ``iterator``: (keys, next iterator or None if the shard closed, more left).
 
         Reads at most ``limit`` keys' worth of records; ``more left`` says the caller stopped early.
+        StreamError when the stream cannot be read.
         """
+        what = f"reading the stream of table {self.config.table}"
+        since = time.monotonic()
         keys: set[str] = set()
         for _ in range(MAX_PAGES):
-            self.calls += 1
-            out = self._streams.get_records(ShardIterator=iterator, Limit=1000)
+            out = self._request(what, self._streams.get_records, since=since, stream=True,
+                                ShardIterator=iterator, Limit=1000)
             records = out.get("Records", [])
             for record in records:
                 key = (record.get("dynamodb") or {}).get("Keys", {}).get("endpoint_name", {}).get("S")
@@ -228,16 +339,8 @@ class EndpointStore:
     # ---- conditional writes ------------------------------------------------------------------------
 
     def _update(self, **kwargs: Any) -> bool:
-        try:
-            self.calls += 1
-            self._table.update_item(**kwargs)
-            return True
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
-                return False
-            raise StoreError(f"writing table {self.config.table} failed: {exc}") from exc
-        except BotoCoreError as exc:
-            raise StoreError(f"writing table {self.config.table} failed: {exc}") from exc
+        return self._request(f"writing table {self.config.table}", self._table.update_item, conditional=True,
+                             **kwargs) is not None
 
     def write_region_status(self, name: str, region: str, status: Mapping[str, Any],
                             expected: Mapping[str, Any] | None) -> bool:
@@ -284,14 +387,8 @@ class EndpointStore:
         cond = Attr("endpoint_name").exists() & Attr("desired_state").eq("deleted")
         cond = cond & (Attr("updated_at").eq(expected_updated_at) if expected_updated_at
                        else Attr("updated_at").not_exists())
-        try:
-            self.calls += 1
-            self._table.delete_item(Key={"endpoint_name": name}, ConditionExpression=cond)
-            return True
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
-                return False
-            raise StoreError(f'purging endpoint "{name}" failed: {exc}') from exc
+        return self._request(f'purging endpoint "{name}"', self._table.delete_item, conditional=True,
+                             Key={"endpoint_name": name}, ConditionExpression=cond) is not None
 
     def put_desired(self, item: Mapping[str, Any], *, created_by: str = "gco-infra") -> None:
         """Write an endpoint's desired state (as the platform's CLI does), keeping region_status."""
@@ -304,12 +401,9 @@ class EndpointStore:
         values = {f":v{i}": _dynamo(v) for i, v in enumerate(fields.values())}
         sets += ["created_at = if_not_exists(created_at, :now)", "created_by = if_not_exists(created_by, :by)"]
         values.update({":now": now, ":by": created_by})
-        try:
-            self.calls += 1
-            self._table.update_item(Key={"endpoint_name": name}, UpdateExpression="SET " + ", ".join(sets),
-                                    ExpressionAttributeNames=names, ExpressionAttributeValues=values)
-        except (ClientError, BotoCoreError) as exc:
-            raise StoreError(f'writing endpoint "{name}" failed: {exc}') from exc
+        self._request(f'writing endpoint "{name}"', self._table.update_item, Key={"endpoint_name": name},
+                      UpdateExpression="SET " + ", ".join(sets), ExpressionAttributeNames=names,
+                      ExpressionAttributeValues=values)
 
     # ---- table management (local environment, tests) ----------------------------------------
 
@@ -322,21 +416,30 @@ class EndpointStore:
         extra: dict[str, Any] = {}
         if stream:
             extra["StreamSpecification"] = {"StreamEnabled": True, "StreamViewType": "KEYS_ONLY"}
+        what = f"creating table {self.config.table}"
         try:
-            self._client.create_table(
+            self._request(
+                what, self._client.create_table,
                 TableName=self.config.table, BillingMode="PAY_PER_REQUEST",
                 AttributeDefinitions=[{"AttributeName": "endpoint_name", "AttributeType": "S"}],
                 KeySchema=[{"AttributeName": "endpoint_name", "KeyType": "HASH"}], **extra,
             )
+        except StoreError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") == "ResourceInUseException":
+                return
+            raise
+        try:
             self._client.get_waiter("table_exists").wait(TableName=self.config.table,
                                                          WaiterConfig={"Delay": 1, "MaxAttempts": 30})
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "ResourceInUseException":
-                raise StoreError(f"creating table {self.config.table} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StoreError(f"{what} failed: {exc}") from exc
 
 
 def _error_text(exc: Exception) -> str:
     """A short reason for logs: the service's error code and message, or the exception's text."""
+    if isinstance(exc, StreamError) and isinstance(exc.__cause__, ClientError):
+        exc = exc.__cause__
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         return f"{err.get('Code', 'error')}: {err.get('Message', '')}"[:200]
@@ -379,7 +482,7 @@ class TableCache:
         if why is None:
             try:
                 why = self._follow_stream()
-            except (ClientError, BotoCoreError) as exc:
+            except StreamError as exc:
                 why = f"stream read failed: {_error_text(exc)}"
             except StoreError:
                 self.invalidate()  # the keys read from the stream are not applied: scan next time
@@ -441,7 +544,7 @@ class TableCache:
             try:
                 positions = self.store.open_shard_positions(arn)
                 self._no_stream = "table stream shards are changing"  # when positions is None
-            except (ClientError, BotoCoreError) as exc:
+            except StreamError as exc:
                 self._no_stream = f"table stream unreadable: {_error_text(exc)}"
         if positions is None:
             arn = None  # scan every tick until the stream can be followed again
