@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping
 from . import manifests as m
 from .component import TYPE as COMPONENT_TYPE
 from .component import TYPE_TOKENS
-from .endpoint import Endpoint, Validated, validate_all
+from .endpoint import Endpoint, Validated, region_status_problem, stored_region_status, validate_all
 from .program import PROJECT_ROOT, ProgramError, StackSettings, owned, previous_records_from_outputs, shard_settings
 from .store import EndpointStore, StoreError, TableCache, utcnow
 
@@ -40,8 +41,6 @@ class RunnerOptions:
     max_delete_fraction: float = 0.10
     max_delete_min: int = 2
     allow_mass_delete: bool = False
-    stale_lock_seconds: float = 600.0
-    """A file-backend lock older than this whose process is gone is removed."""
     parallel: int = 1
     """Stacks operated at once (each in its own process)."""
     pulumi_parallel: int = 32
@@ -67,6 +66,8 @@ class Plan:
     refused: str | None = None
     applied: int = 0
     """How many endpoints the stack held before this plan."""
+    kept: list[str] = field(default_factory=list)
+    """Invalid records whose last applied declaration this stack keeps."""
 
     @property
     def touched(self) -> list[str]:
@@ -141,6 +142,7 @@ def plan_stack(settings: StackSettings, validated: Validated, outputs: Mapping[s
     elif full_due:
         plan.full, plan.reason = True, "periodic full reconcile"
     plan.applied = len(applied)
+    plan.kept = sorted(n for n in validated.invalid if n in applied)
     plan.refused = removal_refusal(settings.stack, len(plan.removed), len(applied), opts)
     return plan
 
@@ -221,32 +223,101 @@ def targets_for(plan: Plan, validated: Validated, settings: StackSettings, outpu
     return [exact_glob(u) for u in urns]
 
 
-def endpoint_of_object(objname: str) -> str:
-    """Kubernetes object name -> endpoint name (names ending in -canary are reserved)."""
+GENERAL = "*"
+"""endpoint_errors key of a failure that belongs to no single endpoint."""
+
+
+def endpoint_of_object(objname: str, owners: Mapping[str, str] | None = None) -> str:
+    """Kubernetes object name -> endpoint name: from the declared objects when known, else by the
+    naming convention (``inference-<name>``, ``<name>-canary``)."""
+    if owners and objname in owners:
+        return owners[objname]
     name = objname.removeprefix("inference-")
     return name.removesuffix("-canary")
+
+
+def object_owners(validated: Validated, settings: StackSettings, outputs: Mapping[str, Any] | None) -> dict[str, str]:
+    """Object name -> endpoint, for the objects declared now and those the stack last applied.
+
+    Names are unambiguous: validation refuses an endpoint named like another one's canary objects.
+    """
+    owners: dict[str, str] = {}
+    for name, out in ((outputs or {}).get("endpoints") or {}).items():
+        for ref in ((out or {}).get("objects") or {}).values() if isinstance(out, Mapping) else ():
+            owners[str(ref).rsplit("/", 1)[-1]] = name
+    for ep in validated.endpoints.values():
+        for obj in m.desired_objects(ep, settings.region, settings.cluster).values():
+            owners[obj["metadata"]["name"]] = ep.name
+    return owners
+
+
+def endpoint_of_urn(urn: str, owners: Callable[[], Mapping[str, str]]) -> str | None:
+    """The endpoint a resource URN belongs to, or None (the stack itself, the provider)."""
+    head, _, name = urn.rpartition("::")
+    chain = head.rpartition("::")[2]
+    if chain == COMPONENT_TYPE:
+        return name
+    if chain.startswith(COMPONENT_TYPE + "$"):
+        return endpoint_of_object(name, owners())
+    return None
 
 
 # ---- the Pulumi operation (runs in a worker process) ----------------------------------------------
 
 
-def _recover_file_backend(stack: str, env: Mapping[str, str], stale_after: float, log: Callable[[str], None]) -> None:
-    """Remove a stale lock of a runner that died mid-update (file backends only)."""
+def _file_locks(env: Mapping[str, str], stack: str) -> list[Path]:
     url = env.get("PULUMI_BACKEND_URL", "")
     if not url.startswith("file://"):
-        return
-    locks = Path(url[len("file://"):]) / ".pulumi" / "locks"
-    for lock in locks.glob(f"**/{PROJECT}/{stack}/*.json"):
-        try:
-            info = json.loads(lock.read_text())
-            age = time.time() - lock.stat().st_mtime
-        except (OSError, ValueError):
-            continue
-        pid = int(info.get("pid") or 0)
-        same_host = info.get("hostname") == os.uname().nodename
-        alive = same_host and pid > 0 and Path(f"/proc/{pid}").exists()
-        if age > stale_after and not alive:
-            log(f"{stack}: removing stale lock {lock.name} (age {age:.0f}s, pid {pid} gone)")
+        return []
+    return list((Path(url[len("file://"):]) / ".pulumi" / "locks").glob(f"**/{PROJECT}/{stack}/*.json"))
+
+
+def _process_started_at(pid: int) -> float | None:
+    """Start time (epoch seconds) of a live, non-zombie process on this host; None if there is none."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError):
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):  # exited, not yet reaped
+        return None
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def lock_holder(lock: Path) -> tuple[str, str]:
+    """("alive" | "dead" | "unknown", description) of the process holding a file-backend lock.
+
+    Dead is decided only on this host: the pid is gone, a zombie, or a newer process that reuses
+    the pid (it started after the lock was taken). A lock taken on another host cannot be checked
+    from here, so it is never taken for dead.
+    """
+    try:
+        info = json.loads(lock.read_text())
+        taken = lock.stat().st_mtime
+    except (OSError, ValueError):
+        return "unknown", f"unreadable lock {lock.name}"
+    pid = int(info.get("pid") or 0) if str(info.get("pid") or "0").isdigit() else 0
+    host = str(info.get("hostname") or "?")
+    who = f"pid {pid} on {host}"
+    if host != os.uname().nodename:
+        return "unknown", who
+    started = _process_started_at(pid) if pid > 0 else None
+    if started is None or started > taken + 2.0:
+        return "dead", who
+    return "alive", who
+
+
+def _recover_file_backend(stack: str, env: Mapping[str, str], log: Callable[[str], None]) -> None:
+    """Remove the lock of an update whose process died on this host (file backends only).
+
+    Its pending operations stay in the checkpoint; the next full reconcile clears them and refreshes.
+    """
+    for lock in _file_locks(env, stack):
+        state, who = lock_holder(lock)
+        if state == "dead":
+            log(f"{stack}: removing the lock of a dead update ({who})")
             lock.unlink(missing_ok=True)
 
 
@@ -279,15 +350,23 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
     def log(msg: str) -> None:
         messages.append(msg)
 
+    known: dict[str, str] = {}
+
+    def owners() -> Mapping[str, str]:  # built on the first failure only
+        if not known:
+            valid = owned(validate_all(items, allowed_namespaces=settings.allowed_namespaces), settings)
+            known.update(object_owners(valid, settings, outputs))
+        return known
+
     def on_event(event: Any) -> None:
         d = getattr(event, "diagnostic_event", None)
-        if d is not None and d.severity == "error" and d.urn:
-            objname = d.urn.rsplit("::", 1)[-1]
-            diags.setdefault(endpoint_of_object(objname), []).append(d.message.strip())
+        if d is not None and d.severity == "error":
+            endpoint = endpoint_of_urn(d.urn, owners) if d.urn else None
+            # An error that belongs to no endpoint (the program, the backend, credentials) fails them all.
+            diags.setdefault(endpoint or GENERAL, []).append(d.message.strip())
         f = getattr(event, "res_op_failed_event", None)
         if f is not None and f.metadata and f.metadata.urn:
-            objname = f.metadata.urn.rsplit("::", 1)[-1]
-            diags.setdefault(endpoint_of_object(objname), [])
+            diags.setdefault(endpoint_of_urn(f.metadata.urn, owners) or GENERAL, [])
 
     previous = previous_records_from_outputs(outputs or {})
     full = plan.full
@@ -301,7 +380,7 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
 
     try:
         os.environ.update(env)
-        _recover_file_backend(plan.stack, env, opts.stale_lock_seconds, log)
+        _recover_file_backend(plan.stack, env, log)
         key = (plan.stack, env.get("PULUMI_BACKEND_URL", ""), env.get("PULUMI_HOME", ""))
         stack = _STACKS.get(key)
         if stack is None:
@@ -337,9 +416,11 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
             result.outputs = None
     except Exception as exc:  # noqa: BLE001 - a worker reports, it does not crash the runner
         result.action, result.message = "failed", f"{type(exc).__name__}: {exc}"
-        result.endpoint_errors["*"] = traceback.format_exc(limit=3)
+        result.endpoint_errors[GENERAL] = traceback.format_exc(limit=3)
     for name, texts in diags.items():
-        result.endpoint_errors[name] = "; ".join(t for t in texts if t) or "the engine reported a failure"
+        result.endpoint_errors[name] = "; ".join(dict.fromkeys(t for t in texts if t)) or "the engine reported a failure"
+    if result.action == "failed" and GENERAL in result.endpoint_errors and diags.get(GENERAL):
+        result.message = "; ".join(dict.fromkeys(diags[GENERAL]))[:1000]
     result.failed = len(result.endpoint_errors)
     if messages:
         result.message = "; ".join(messages + ([result.message] if result.message else []))
@@ -347,9 +428,17 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
     return result
 
 
+_GENERIC_ERROR = re.compile(r"error: (\d+ errors? occurred|update failed|preview failed)\s*:?\s*$")
+
+
 def _engine_message(text: str) -> str:
+    """The engine's specific error lines (not "2 errors occurred"), or its last line."""
     lines = [ln.strip() for ln in text.splitlines() if "error:" in ln]
-    return (lines[-1] if lines else text.strip().splitlines()[-1] if text.strip() else "pulumi failed")[:500]
+    specific = [ln for ln in lines if not _GENERIC_ERROR.search(ln)]
+    chosen = "; ".join(dict.fromkeys(specific)) if specific else (lines[-1] if lines else "")
+    if not chosen:
+        chosen = text.strip().splitlines()[-1] if text.strip() else "pulumi failed"
+    return chosen[:1000]
 
 
 # ---- status write-back ---------------------------------------------------------------------------------
@@ -362,19 +451,41 @@ def _desired_replicas(ep: Endpoint) -> int:
     return base + (ep.spec.canary.replicas if ep.spec.canary else 0)
 
 
+def status_writable(item: Mapping[str, Any], region: str) -> bool:
+    """Whether region_status.<region> can be written conditionally: absent, or a map (even one with
+    odd values); a region_status or entry of another shape belongs to some other writer."""
+    statuses = item.get("region_status")
+    if statuses is None:
+        return True
+    return isinstance(statuses, Mapping) and (statuses.get(region) is None or isinstance(statuses.get(region), Mapping))
+
+
+def targeted_regions(item: Mapping[str, Any] | None) -> set[str]:
+    """The regions an item names in target_regions, read leniently (an invalid record's too)."""
+    raw = item.get("target_regions") if isinstance(item, Mapping) else None
+    if isinstance(raw, (list, tuple, set, frozenset)):
+        return {r for r in raw if isinstance(r, str)}
+    return set()
+
+
 def status_updates(plan: Plan, result: StackResult, validated: Validated, items: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Endpoint -> new region status for this stack's region, only where it differs (pure)."""
+    """Endpoint -> new region status for this stack's region, only where it differs (pure).
+
+    A record whose stored region status is malformed gets no write (it is reported instead): the
+    conditional write needs the stored value, and another writer's data is never overwritten.
+    """
     region = plan.region
     now = utcnow()
     updates: dict[str, dict[str, Any]] = {}
     succeeded = result.action in ("full", "targeted", "none")
     touched = set(plan.touched)  # a full reconcile that changed nothing leaves statuses alone
+    general_failure = result.action == "failed" and (not result.endpoint_errors or GENERAL in result.endpoint_errors)
 
     def put(name: str, state: str, error: str | None, desired: int | None) -> None:
         item = items.get(name)
-        if item is None:
+        if item is None or not status_writable(item, region):
             return
-        stored = dict((item.get("region_status") or {}).get(region) or {})
+        stored = stored_region_status(item, region) or {}
         new = dict(stored)
         new["state"] = state
         if desired is not None:
@@ -390,7 +501,16 @@ def status_updates(plan: Plan, result: StackResult, validated: Validated, items:
         updates[name] = new
 
     for name, errors in plan.invalid.items():
-        put(name, "error", "; ".join(errors), None)
+        # only where the record asks to run, or where this stack still holds its last declaration
+        if region in targeted_regions(items.get(name)) or name in plan.kept:
+            put(name, "error", "; ".join(errors), None)
+    if general_failure:
+        # Nothing is known to have worked (the program, credentials, the backend): no success anywhere.
+        message = result.message or result.endpoint_errors.get(GENERAL) or "the update failed"
+        for name in touched:
+            if name in validated.endpoints:
+                put(name, "error", message, None)
+        return updates
     if plan.refused:
         for name in plan.removed:
             put(name, "error", plan.refused, None)
@@ -398,17 +518,12 @@ def status_updates(plan: Plan, result: StackResult, validated: Validated, items:
     for name, error in result.endpoint_errors.items():
         if name in validated.endpoints:
             put(name, "error", error, None)
-    if result.action == "failed" and not result.endpoint_errors:
-        for name in touched:
-            if name in validated.endpoints:
-                put(name, "error", result.message or "the update failed", None)
-        return updates
     if not succeeded and result.action != "failed":
         return updates
     for name, ep in validated.endpoints.items():
         if name in result.endpoint_errors:
             continue
-        stored_state = ((items.get(name) or {}).get("region_status") or {}).get(region, {}).get("state")
+        stored_state = (stored_region_status(items.get(name) or {}, region) or {}).get("state")
         if name in plan.desired:
             if name not in touched and stored_state not in (None, "pending", "error", "deleting", "deleted"):
                 continue
@@ -431,7 +546,7 @@ def write_statuses(store: EndpointStore, region: str, updates: Mapping[str, Mapp
                    items: Mapping[str, Mapping[str, Any]]) -> int:
     writes = 0
     for name, status in updates.items():
-        stored = ((items.get(name) or {}).get("region_status") or {}).get(region)
+        stored = stored_region_status(items.get(name) or {}, region)
         if store.write_region_status(name, region, status, expected=stored):
             writes += 1
     return writes
@@ -549,20 +664,24 @@ class Runner:
         self.guards = guards
         self._guards_found = True
 
-    def _locked_by_other(self, stack: str) -> bool:
-        """A live lock on a file backend: skip before reading a checkpoint that is being rewritten."""
-        url = self.env.get("PULUMI_BACKEND_URL", "")
-        if not url.startswith("file://"):
-            return False
-        locks = Path(url[len("file://"):]) / ".pulumi" / "locks"
-        now = time.time()
-        for lock in locks.glob(f"**/{PROJECT}/{stack}/*.json"):
-            try:
-                if now - lock.stat().st_mtime < self.opts.stale_lock_seconds:
-                    return True
-            except OSError:
+    def _locked_by_other(self, state: StackState) -> str | None:
+        """Why the stack is locked by another live update (file backends; skip before reading a
+        checkpoint that is being rewritten), or None. A lock whose process died on this host is
+        removed at once, so a killed runner costs no tick."""
+        stack = state.settings.stack
+        for lock in _file_locks(self.env, stack):
+            holder, who = lock_holder(lock)
+            if holder == "dead":
+                self.progress(f"{stack}: removing the lock of a dead update ({who})")
+                lock.unlink(missing_ok=True)
+                state.last_full = 0.0  # its pending operations are cleared by a full reconcile
+                state.outputs_loaded = False
                 continue
-        return False
+            if holder == "unknown":
+                return (f"stack is locked by an update of {who} (another host; its lock is never removed from "
+                        f"here: if that update is dead, delete {lock})")
+            return f"stack is locked by another update ({who}); skipped this tick"
+        return None
 
     def read_table(self) -> tuple[list[dict[str, Any]], Any]:
         """Every item (complete, or StoreError) and a token that changes when the items may have."""
@@ -591,8 +710,9 @@ class Runner:
         # A region whose stacks' outputs are not all known cannot be checked for misplaced endpoints.
         unknown: dict[str, str] = {}
         for guard in self.guards.values():
-            if self._locked_by_other(guard.settings.stack):
-                unknown.setdefault(guard.settings.region_stack, f"stack {guard.settings.stack} is locked by another update")
+            locked = self._locked_by_other(guard)
+            if locked:
+                unknown.setdefault(guard.settings.region_stack, f"stack {guard.settings.stack}: {locked}")
                 continue
             try:
                 self.load_outputs(guard)
@@ -620,9 +740,10 @@ class Runner:
         work: list[tuple[StackState, Plan, Validated, list[str] | None]] = []
         ready: list[StackState] = []
         for state in self.states.values():
-            if self._locked_by_other(state.settings.stack):
+            locked = self._locked_by_other(state)
+            if locked:
                 results.append(StackResult(stack=state.settings.stack, region=state.settings.region, action="skipped",
-                                           message="stack is locked by another update; skipped this tick"))
+                                           message=locked))
                 continue
             try:
                 self.load_outputs(state)

@@ -192,3 +192,73 @@ def test_full_reconcile_without_changes_writes_no_status():
     assert plan.full and plan.touched == []
     res = StackResult(stack=S.stack, region=S.region, action="full")
     assert status_updates(plan, res, validate_all(items), {i["endpoint_name"]: i for i in items}) == {}
+
+
+# ---- failures, invalid records and malformed statuses (issue 11: 4, 5, 10) ----------------------------
+
+
+def _by_name(items):
+    return {i["endpoint_name"]: i for i in items}
+
+
+def test_an_update_failing_as_a_whole_writes_no_success_anywhere():
+    items = [item("a"), item("b")]
+    plan = _plan(items, None)
+    for res in (
+        StackResult(stack=S.stack, region=S.region, action="failed", message="error: failed to save checkpoint"),
+        StackResult(stack=S.stack, region=S.region, action="failed", message="ProgramError: kubeconfig missing",
+                    endpoint_errors={"*": "Traceback ..."}),
+        # an engine error tied to no endpoint next to one tied to an endpoint: still a failure of all
+        StackResult(stack=S.stack, region=S.region, action="failed", message="error: Unauthorized",
+                    endpoint_errors={"*": "Unauthorized", "a": "create failed"}),
+    ):
+        ups = status_updates(plan, res, validate_all(items), _by_name(items))
+        assert {u["state"] for u in ups.values()} == {"error"}, ups
+        assert set(ups) == {"a", "b"}
+        assert all(u["error"] for u in ups.values())
+
+
+def test_the_engine_message_names_what_failed_not_how_many():
+    from gco_infra.runner import _engine_message
+
+    text = ("error: update failed\n  kubernetes:apps/v1:Deployment (x): error: failed to save checkpoint: "
+            "write /b/.pulumi/stacks/x.json: read-only file system\nerror: 2 errors occurred:")
+    msg = _engine_message(text)
+    assert "read-only file system" in msg and "2 errors occurred" not in msg
+
+
+def test_invalid_record_status_only_in_regions_it_targets():
+    bad = {"endpoint_name": "bad", "desired_state": "running", "target_regions": ["eu-west-1"],
+           "spec": {"image": "org/server:1", "replicas": -1}}
+    plan = _plan([bad], None)
+    res = StackResult(stack=S.stack, region=S.region, action="full")
+    assert status_updates(plan, res, validate_all([bad]), _by_name([bad])) == {}
+    bad["target_regions"] = ["eu-west-1", "us-east-1"]
+    ups = status_updates(_plan([bad], None), res, validate_all([bad]), _by_name([bad]))
+    assert ups["bad"]["state"] == "error" and "spec.replicas" in ups["bad"]["error"]
+
+
+def test_invalid_record_held_by_the_stack_reports_there_even_if_it_no_longer_targets_it():
+    good = item("e")
+    out = outputs_for([good])
+    bad = dict(good, target_regions="us-east-1", spec={"image": "org/server:1", "replicas": -1})
+    plan = _plan([bad], out)
+    assert plan.kept == ["e"] and plan.removed == []
+    ups = status_updates(plan, StackResult(stack=S.stack, region=S.region), validate_all([bad]), _by_name([bad]))
+    assert ups["e"]["state"] == "error"
+
+
+def test_malformed_region_status_never_stops_status_writes_for_others():
+    weird = [
+        dict(item("a"), region_status="garbage"),
+        dict(item("b"), region_status={"us-east-1": ["not", "a", "map"]}),
+        dict(item("c"), region_status={"us-east-1": {"state": "exploded", "replicas_ready": "many", "error": "x" * 100_000}}),
+        dict(item("d"), region_status=[1, 2]),
+        item("ok"),
+    ]
+    plan = _plan(weird, None)
+    ups = status_updates(plan, StackResult(stack=S.stack, region=S.region, action="full"), validate_all(weird),
+                         _by_name(weird))
+    # another writer's non-map values are left alone; a map with odd values is simply replaced
+    assert set(ups) == {"c", "ok"}
+    assert ups["c"]["state"] == "creating" and "error" not in ups["c"]
