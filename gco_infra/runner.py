@@ -68,6 +68,8 @@ class Plan:
     """How many endpoints the stack held before this plan."""
     kept: list[str] = field(default_factory=list)
     """Invalid records whose last applied declaration this stack keeps."""
+    notes: dict[str, str] = field(default_factory=dict)
+    """Endpoint -> what of its record is not declared in this region, and why (region status ``note``)."""
 
     @property
     def touched(self) -> list[str]:
@@ -142,6 +144,8 @@ def plan_stack(settings: StackSettings, validated: Validated, outputs: Mapping[s
     elif full_due:
         plan.full, plan.reason = True, "periodic full reconcile"
     plan.applied = len(applied)
+    plan.notes = {n: "; ".join(t) for n in desired if (t := m.declaration_notes(validated.endpoints[n], settings.region,
+                                                                              settings.cluster))}
     plan.kept = sorted(n for n in validated.invalid if n in applied)
     plan.refused = removal_refusal(settings.stack, len(plan.removed), len(applied), opts)
     return plan
@@ -495,7 +499,12 @@ def status_updates(plan: Plan, result: StackResult, validated: Validated, items:
             new["error"] = error[:1000]
         else:
             new.pop("error", None)
-        if {k: new.get(k) for k in ("state", "error", "replicas_desired")} == {k: stored.get(k) for k in ("state", "error", "replicas_desired")}:
+        if plan.notes.get(name):
+            new["note"] = plan.notes[name][:1000]
+        elif state != "error":
+            new.pop("note", None)
+        keys = ("state", "error", "replicas_desired", "note")
+        if {k: new.get(k) for k in keys} == {k: stored.get(k) for k in keys}:
             return
         new["last_sync"] = now
         updates[name] = new
@@ -561,6 +570,34 @@ class StackState:
     outputs: dict[str, Any] | None = None
     outputs_loaded: bool = False
     last_full: float = 0.0
+    checkpoint: Any = None
+    """_checkpoint_token when the outputs were last read or written by this runner."""
+
+
+def held_endpoints(deployment: Mapping[str, Any]) -> set[str]:
+    """The endpoints whose component a checkpoint (``export_stack().deployment``) holds."""
+    out = set()
+    for res in deployment.get("resources") or []:
+        if isinstance(res, Mapping) and res.get("type") == COMPONENT_TYPE:
+            out.add(str(res.get("urn", "")).rpartition("::")[2])
+    return out
+
+
+def reconcile_outputs(outputs: Mapping[str, Any], held: set[str]) -> dict[str, Any]:
+    """Outputs whose ``endpoints`` are exactly the endpoints the checkpoint holds (pure).
+
+    An endpoint moved out is dropped; one moved in is added with an unknown fingerprint, so it is
+    counted where it is (misplacement, deletion bound) and re-applied by the next update.
+    """
+    result = dict(outputs)
+    endpoints = outputs.get("endpoints")
+    if not isinstance(endpoints, Mapping):
+        return result
+    kept = {n: o for n, o in endpoints.items() if n in held}
+    for name in sorted(held - set(kept)):
+        kept[name] = {"fingerprint": "", "objects": {}, "state": "unknown"}
+    result["endpoints"] = dict(sorted(kept.items()))
+    return result
 
 
 def misplaced_endpoints(states: Iterable["StackState"]) -> dict[str, str]:
@@ -625,7 +662,13 @@ class Runner:
             self._pool = None
 
     def load_outputs(self, state: StackState) -> None:
-        """The stack's outputs, read once; later ticks use what the last operation returned."""
+        """The stack's outputs, read when first needed and again whenever the stack changed under us
+        (see _changed_elsewhere); between those, ticks use what the runner's own operations returned.
+
+        The ``endpoints`` output is reconciled with the resources the checkpoint holds: after a
+        ``pulumi state move`` the outputs still name the endpoints that left and not those that
+        arrived, and decisions (misplacement, the deletion bound) must see where they really are.
+        """
         if state.outputs_loaded:
             return
         from pulumi import automation as auto
@@ -634,14 +677,37 @@ class Runner:
         last: Exception | None = None
         for attempt in range(4):  # a checkpoint being rewritten by another update reads as EOF
             try:
+                state.checkpoint = self._checkpoint_token(state.settings.stack)
                 if state.settings.stack in {s.name for s in ws.list_stacks()}:
-                    state.outputs = {k: v.value for k, v in ws.stack_outputs(state.settings.stack).items()}
+                    outputs = {k: v.value for k, v in ws.stack_outputs(state.settings.stack).items()}
+                    deployment = ws.export_stack(state.settings.stack).deployment or {}
+                    state.outputs = reconcile_outputs(outputs, held_endpoints(deployment))
                 state.outputs_loaded = True
                 return
             except auto.CommandError as exc:
                 last = exc
                 time.sleep(0.5 * (attempt + 1))
         raise ProgramError(f"reading outputs of stack {state.settings.stack} failed: {_engine_message(str(last))}")
+
+    def _checkpoint_token(self, stack: str) -> Any:
+        """Changes whenever anyone writes the stack's checkpoint (file backends: a stat, no read)."""
+        url = self.env.get("PULUMI_BACKEND_URL", "")
+        if not url.startswith("file://"):
+            return None
+        base = Path(url[len("file://"):]) / ".pulumi" / "stacks" / PROJECT
+        token = []
+        for f in sorted(base.glob(f"{stack}.json*")):
+            if f.name in (f"{stack}.json", f"{stack}.json.gz"):
+                st = f.stat()
+                token.append((f.name, st.st_mtime_ns, st.st_size))
+        return tuple(token)
+
+    def _changed_elsewhere(self, state: StackState) -> bool:
+        """Whether someone else (a person's `pulumi up`, another runner, `pulumi state move`) wrote
+        the stack since the runner last read or wrote it. Checked every tick on file backends."""
+        if not state.outputs_loaded or state.checkpoint is None:
+            return False
+        return self._checkpoint_token(state.settings.stack) != state.checkpoint
 
     def _workspace(self) -> Any:
         from pulumi import automation as auto
@@ -714,6 +780,8 @@ class Runner:
             if locked:
                 unknown.setdefault(guard.settings.region_stack, f"stack {guard.settings.stack}: {locked}")
                 continue
+            if self._changed_elsewhere(guard):
+                guard.outputs_loaded = False
             try:
                 self.load_outputs(guard)
             except ProgramError as exc:
@@ -745,6 +813,9 @@ class Runner:
                 results.append(StackResult(stack=state.settings.stack, region=state.settings.region, action="skipped",
                                            message=locked))
                 continue
+            if self._changed_elsewhere(state):
+                self.progress(f"{state.settings.stack}: changed by another update since the last read; reading it again")
+                state.outputs_loaded = False
             try:
                 self.load_outputs(state)
             except ProgramError as exc:
@@ -795,6 +866,7 @@ class Runner:
             res.changed = len(plan.touched)
             if res.outputs is not None:
                 state.outputs = res.outputs
+            state.checkpoint = self._checkpoint_token(state.settings.stack)
             if res.action == "full":
                 state.last_full = now
             if res.action == "failed":

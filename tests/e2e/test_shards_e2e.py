@@ -96,19 +96,29 @@ def test_sharded_region_applies_each_endpoint_in_its_own_shard_only(env, sharded
     finally:
         resharded.close()
     # back to one stack: the region stack would apply everything the shard stacks still hold
+    uids = {n: kube.deployment(n, NAMESPACE).metadata.uid for n in names}
     unsharded = runner_for(env, sharded, shards=1)
     try:
         refused = unsharded.tick()
         assert [(r.stack, r.action) for r in refused] == [("sharded", "refused")]
         assert "stack sharded.shard-2 is not part of region sharded at gco:shards=1" in refused[0].message
         assert unsharded.operations == 0
+
+        # the documented way out: move the endpoints' resources into the region stack
+        _state_move_all(env, [f"sharded.shard-{k}" for k in range(SHARDS)], "sharded")
+        results = unsharded.tick()  # the same runner: it must notice the stacks changed under it
+        assert [(r.stack, r.action) for r in results] == [("sharded", "full")], [r.summary() for r in results]
+        assert not results[0].failed and results[0].deleted == 0 and results[0].created == 0, results[0].summary()
+        assert {n: kube.deployment(n, NAMESPACE).metadata.uid for n in names} == uids  # adopted, never recreated
+        assert sorted(unsharded.states["sharded"].outputs["endpoints"]) == sorted(names)
+        assert all(r.action == "none" for r in unsharded.tick())
     finally:
         unsharded.close()
 
     # clean up through the runner: every endpoint deleted, the deletion allowed explicitly
     for n in names:
         store.set_desired_state(n, "deleted", expected="running")
-    cleanup = runner_for(env, sharded, allow_mass_delete=True)
+    cleanup = runner_for(env, sharded, shards=1, allow_mass_delete=True)
     try:
         done = cleanup.tick()
         assert sum(r.deleted for r in done) >= len(names) * 3, [r.summary() for r in done]  # Deployment, Service, Ingress
@@ -116,3 +126,28 @@ def test_sharded_region_applies_each_endpoint_in_its_own_shard_only(env, sharded
         cleanup.close()
     assert all(kube.deployment(n, NAMESPACE) is None for n in names)
     assert all(store.get(n)["region_status"]["local-1"]["state"] == "deleted" for n in names)
+
+
+def _state_move_all(env, sources, dest):
+    """`pulumi stack init` the destination, then `pulumi state move` every endpoint resource into it."""
+    import json
+    import os
+    import subprocess
+
+    from gco_infra.program import PROJECT_ROOT
+
+    e = {**os.environ, **env.pulumi_env()}
+
+    def pulumi(*args, check=True):
+        proc = subprocess.run(["pulumi", *args, "--non-interactive"], cwd=PROJECT_ROOT, env=e,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 or not check, f"pulumi {' '.join(args)}: {proc.stdout}{proc.stderr}"
+        return proc
+
+    pulumi("stack", "init", dest, check=False)  # may exist from an earlier run of the session
+    for source in sources:
+        state = json.loads(pulumi("stack", "export", "--stack", source).stdout)
+        urns = [r["urn"] for r in state["deployment"].get("resources", [])
+                if r["type"] == "gco:inference:Endpoint"]
+        if urns:
+            pulumi("state", "move", "--source", source, "--dest", dest, "--yes", *urns)

@@ -262,3 +262,38 @@ def test_malformed_region_status_never_stops_status_writes_for_others():
     # another writer's non-map values are left alone; a map with odd values is simply replaced
     assert set(ups) == {"c", "ok"}
     assert ups["c"]["state"] == "creating" and "error" not in ups["c"]
+
+
+def test_a_gpu_metric_the_cluster_cannot_serve_is_said_in_the_region_status():
+    """The platform's CLI writes autoscaling metric gpu: the endpoint deploys, the note says why the
+    metric is missing in this region, and it disappears when the record no longer asks for it."""
+    a = item("a", autoscaling={"enabled": True, "metrics": [{"type": "gpu", "target": 60}]})
+    plan = _plan([a], None)
+    assert plan.created == ["a"]
+    up = status_updates(plan, StackResult(stack=S.stack, region=S.region, action="full"), validate_all([a]), {"a": a})["a"]
+    assert up["state"] == "creating" and "gpuUtilizationMetric" in up["note"]
+    a["region_status"] = {S.region: up}
+    b = dict(a, spec={"image": "org/server:1", "autoscaling": {"enabled": True}})
+    plan2 = _plan([b], outputs_for([a]))
+    up2 = status_updates(plan2, StackResult(stack=S.stack, region=S.region, action="targeted"), validate_all([b]), {"a": b})["a"]
+    assert "note" not in up2
+
+
+def test_outputs_follow_the_resources_a_checkpoint_holds():
+    """After `pulumi state move` the outputs still list what left and miss what arrived."""
+    from gco_infra.runner import held_endpoints, reconcile_outputs
+
+    comp = "gco:inference:Endpoint"
+    deployment = {"resources": [
+        {"urn": "urn:pulumi:s::gco-infra::pulumi:pulumi:Stack::gco-infra-s", "type": "pulumi:pulumi:Stack"},
+        {"urn": f"urn:pulumi:s::gco-infra::{comp}::stays", "type": comp},
+        {"urn": f"urn:pulumi:s::gco-infra::{comp}::arrived", "type": comp},
+        {"urn": f"urn:pulumi:s::gco-infra::{comp}$kubernetes:apps/v1:Deployment::stays", "type": "kubernetes:apps/v1:Deployment"},
+    ]}
+    assert held_endpoints(deployment) == {"stays", "arrived"}
+    outputs = outputs_for([item("stays"), item("left")])
+    fixed = reconcile_outputs(outputs, held_endpoints(deployment))
+    assert set(fixed["endpoints"]) == {"stays", "arrived"}
+    assert fixed["endpoints"]["stays"] == outputs["endpoints"]["stays"]
+    plan = plan_stack(S, validate_all([item("stays"), item("arrived")]), fixed, full_due=False, opts=OPTS)
+    assert plan.removed == [] and plan.changed == ["arrived"]
