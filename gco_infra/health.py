@@ -4,37 +4,71 @@ One active replica per cluster (a coordination.k8s.io Lease). Each tick lists De
 Ingresses once per allowed namespace (by label), not once per endpoint, and writes a region's
 status only when it changed. The watchdog timer (``unready_since``) lives in the table, so a
 restart or a new leader neither resets it nor re-admits a dead endpoint to the shared ALB.
+
+The decisions (what a region's status becomes, which Ingresses go, whether a record may be purged)
+are pure functions of the table item and what was observed; ``HealthJob`` does the I/O around them.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from decimal import Decimal, InvalidOperation
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, Callable, Iterable, Mapping
 
+import urllib3
 from kubernetes import client
 
-from .endpoint import Endpoint, validate_all
+from .endpoint import REGION_STATES, Endpoint, Validated, record_name, validate_all
 from .store import EndpointStore, StoreError
 
 LABEL = "gco.io/type=inference"
+TRACK_LABEL = "gco.io/track"
+REQUEST_TIMEOUT = 5.0
+"""Seconds before any one Kubernetes API call gives up (the Lease's included)."""
+
+KUBE_ERRORS = (client.ApiException, urllib3.exceptions.HTTPError)
+"""What a Kubernetes call raises: an API error, or no answer in time (urllib3 timeouts, refused connections)."""
 
 
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def _parse_iso(text: str | None) -> float | None:
-    if not text:
+def _parse_iso(text: Any) -> float | None:
+    if not isinstance(text, str) or not text or len(text) > 64:
         return None
     try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=timezone.utc)
+        return parsed.timestamp()
+    except (ValueError, OverflowError, OSError):
         return None
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else type(value).__name__ if isinstance(value, (Mapping, list)) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def without_retries(api: client.ApiClient) -> client.ApiClient:
+    """The same cluster and credentials, but no urllib3 retries: a call's timeout then bounds the call.
+
+    (A GET that times out is otherwise retried three times, so a hung apiserver holds a tick four
+    times as long.) The caller's client is left as it was.
+    """
+    cfg = copy.copy(api.configuration)
+    cfg.retries = False
+    bounded = client.ApiClient(cfg)
+    bounded.default_headers.update(api.default_headers)
+    return bounded
 
 
 # ---- leader election -------------------------------------------------------------------------------------------
@@ -43,41 +77,60 @@ def _parse_iso(text: str | None) -> float | None:
 class LeaseElector:
     """Leader election on a Lease: renew every tick; act only within renew_deadline of the last renewal.
 
-    renew_deadline < lease_duration, so a leader that cannot renew stops acting before anyone else
-    may take the lease over.
+    renew_deadline < lease_seconds, so a leader that cannot renew stops acting before anyone else
+    may take the lease over. The deadline runs on this process's monotonic clock, from the start of
+    the last successful renewal: a wall-clock jump (NTP, a VM resumed) neither extends nor shortens
+    it. The wall clock (``clock``) only stamps the Lease's acquire and renew times, which other
+    replicas read.
     """
 
     def __init__(self, api: client.ApiClient, namespace: str, name: str = "gco-health", *, identity: str | None = None,
-                 lease_seconds: int = 30, renew_deadline: float = 20.0, clock: Callable[[], float] = time.time) -> None:
+                 lease_seconds: int = 30, renew_deadline: float = 20.0, request_timeout: float = REQUEST_TIMEOUT,
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
         if renew_deadline >= lease_seconds:
             raise ValueError("renew_deadline must be shorter than the lease duration")
-        self.coord = client.CoordinationV1Api(api)
+        if request_timeout <= 0:
+            raise ValueError("request_timeout must be positive")
+        self.coord = client.CoordinationV1Api(without_retries(api))
         self.namespace, self.name = namespace, name
         self.identity = identity or f"{socket.gethostname()}-{id(self):x}"
-        self.lease_seconds, self.renew_deadline, self.clock = lease_seconds, renew_deadline, clock
+        self.lease_seconds, self.renew_deadline, self.request_timeout = lease_seconds, renew_deadline, request_timeout
+        self.clock, self.monotonic = clock, monotonic
         self._renewed_at: float | None = None
+        """monotonic() when the last successful renewal started."""
 
     def is_leader(self) -> bool:
-        return self._renewed_at is not None and self.clock() - self._renewed_at < self.renew_deadline
+        return self._renewed_at is not None and self.monotonic() - self._renewed_at < self.renew_deadline
+
+    def _unconfirmed(self) -> bool:
+        """A renewal that could not reach the apiserver: still the leader until the deadline, not after."""
+        if not self.is_leader():
+            self._renewed_at = None
+        return self.is_leader()
 
     def try_acquire_or_renew(self) -> bool:
-        now = self.clock()
+        started, now = self.monotonic(), self.clock()
         micro = datetime.fromtimestamp(now, timezone.utc)
+        timeout = self.request_timeout
         try:
-            lease = self.coord.read_namespaced_lease(self.name, self.namespace)
+            lease = self.coord.read_namespaced_lease(self.name, self.namespace, _request_timeout=timeout)
         except client.ApiException as exc:
             if exc.status != 404:
-                self._renewed_at = None if not self.is_leader() else self._renewed_at
-                return self.is_leader()
+                return self._unconfirmed()
             body = client.V1Lease(metadata=client.V1ObjectMeta(name=self.name, namespace=self.namespace),
                                   spec=client.V1LeaseSpec(holder_identity=self.identity, lease_duration_seconds=self.lease_seconds,
                                                           acquire_time=micro, renew_time=micro, lease_transitions=0))
             try:
-                self.coord.create_namespaced_lease(self.namespace, body)
-            except client.ApiException:
+                self.coord.create_namespaced_lease(self.namespace, body, _request_timeout=timeout)
+            except client.ApiException:  # someone else created it first, or we may not
+                self._renewed_at = None
                 return False
-            self._renewed_at = now
+            except urllib3.exceptions.HTTPError:
+                return self._unconfirmed()
+            self._renewed_at = started
             return True
+        except urllib3.exceptions.HTTPError:
+            return self._unconfirmed()
         spec = lease.spec
         holder = spec.holder_identity
         renew = spec.renew_time.timestamp() if spec.renew_time else 0.0
@@ -91,27 +144,299 @@ class LeaseElector:
         spec.holder_identity, spec.renew_time, spec.lease_duration_seconds = self.identity, micro, self.lease_seconds
         try:
             # resourceVersion in the body makes this a compare-and-swap: two candidates never both win.
-            self.coord.replace_namespaced_lease(self.name, self.namespace, lease)
-        except client.ApiException:
-            self._renewed_at = None
-            return False
-        self._renewed_at = now
+            self.coord.replace_namespaced_lease(self.name, self.namespace, lease, _request_timeout=timeout)
+        except client.ApiException as exc:
+            if exc.status == 409:  # someone else wrote the Lease since we read it
+                self._renewed_at = None
+                return False
+            return self._unconfirmed()
+        except urllib3.exceptions.HTTPError:
+            return self._unconfirmed()
+        self._renewed_at = started
         return True
 
     def release(self) -> None:
         self._renewed_at = None
 
 
-# ---- readiness ---------------------------------------------------------------------------------------------------
+# ---- what the cluster shows ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Track:
+    """The Deployments of one track (primary or canary) of an endpoint in this cluster."""
+
+    seen: bool = False
+    ready: int = 0
+    desired: int = 0
+    updated: bool = True
 
 
 @dataclass
 class Observed:
-    ready: int = 0
-    desired: int = 0
-    updated: bool = True
+    primary: Track = field(default_factory=Track)
+    canary: Track = field(default_factory=Track)
+    """The canary never carries the endpoint: the primary Ingress routes to the primary Service only."""
     ingresses: list[tuple[str, str]] = field(default_factory=list)
-    """(namespace, name) of Ingresses that exist for the endpoint."""
+    """(namespace, name) of Ingresses that exist for the endpoint (the primary's and the canary's)."""
+
+    @property
+    def seen(self) -> bool:
+        """Any of the endpoint's objects exists here."""
+        return self.primary.seen or self.canary.seen or bool(self.ingresses)
+
+
+def track_of(app: str, deployment: str, labels: Mapping[str, str]) -> str:
+    """primary or canary, from the track label; by name for Deployments without it (adopted ones)."""
+    track = labels.get(TRACK_LABEL)
+    if track in ("primary", "canary"):
+        return track
+    return "canary" if deployment == f"{app}-canary" else "primary"
+
+
+# ---- what the table says ---------------------------------------------------------------------------------------
+
+
+STATUS_NUMBERS = ("replicas_ready", "replicas_desired", "canary_ready", "canary_desired")
+STATUS_TEXTS = ("last_sync", "error", "message")
+INGRESS_FLAGS = ("active", "withdrawn")
+MAX_STATUS_TEXT = 4096
+MAX_STATUS_SIZE = 16 * 1024
+MAX_REPLICAS = 1_000_000
+
+
+def _size(value: Any, budget: int) -> int:
+    """Roughly how many characters a status value holds; stops counting past ``budget``."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, Mapping):
+        total = 0
+        for k, v in value.items():
+            total += len(str(k)) + _size(v, budget - total)
+            if total > budget:
+                break
+        return total
+    if isinstance(value, (list, tuple, set, frozenset)):
+        total = 0
+        for v in value:
+            total += _size(v, budget - total)
+            if total > budget:
+                break
+        return total
+    return 8
+
+
+def _number(value: Any) -> int | None:
+    """A replica count as other writers may store it (int, Decimal, whole float, numeric string), or None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        if isinstance(value, (int, Decimal)):
+            number = Decimal(value)
+        elif isinstance(value, float) and math.isfinite(value):
+            number = Decimal(repr(value))
+        elif isinstance(value, str) and len(value) <= 32:
+            number = Decimal(value.strip())
+        else:
+            return None
+    except (InvalidOperation, ValueError):
+        return None
+    if not number.is_finite() or number != number.to_integral_value() or not 0 <= number <= MAX_REPLICAS:
+        return None
+    return int(number)
+
+
+def entry_problem(entry: Any) -> str | None:
+    """Why a stored ``region_status.<region>`` cannot be read and written back safely (None: it can)."""
+    if not isinstance(entry, Mapping):
+        return f"must be a map, got {_show(entry)}"
+    if any(not isinstance(k, str) for k in entry):
+        return "has a key that is not a string"
+    size = _size(entry, MAX_STATUS_SIZE)
+    if size > MAX_STATUS_SIZE:
+        return f"holds more than {MAX_STATUS_SIZE} characters"
+    for key, value in entry.items():
+        if isinstance(value, str) and len(value) > MAX_STATUS_TEXT:
+            return f".{key} must be at most {MAX_STATUS_TEXT} characters, got {len(value)}"
+    state = entry.get("state")
+    if state is not None and state not in REGION_STATES:
+        return f".state must be one of {', '.join(REGION_STATES)}, got {_show(state)}"
+    ingress = entry.get("ingress")
+    if ingress is not None and ingress not in INGRESS_FLAGS:
+        return f".ingress must be active or withdrawn, got {_show(ingress)}"
+    since = entry.get("unready_since")
+    if since is not None and _parse_iso(since) is None:
+        return f".unready_since must be an ISO-8601 time, got {_show(since)}"
+    for key in STATUS_NUMBERS:
+        if entry.get(key) is not None and _number(entry[key]) is None:
+            return f".{key} must be a count of replicas, got {_show(entry[key])}"
+    for key in STATUS_TEXTS:
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            return f".{key} must be a string, got {_show(entry[key])}"
+    return None
+
+
+def stored_entry(item: Mapping[str, Any], region: str) -> tuple[Mapping[str, Any] | None, str | None]:
+    """(the stored status of ``region`` exactly as read, or None when absent; why it is unusable, or None)."""
+    statuses = item.get("region_status")
+    if statuses is None:
+        return None, None
+    if not isinstance(statuses, Mapping):
+        return None, f"region_status must be a map, got {_show(statuses)}"
+    if region not in statuses:
+        return None, None
+    entry = statuses[region]
+    problem = entry_problem(entry)
+    if problem is not None:
+        return None, f"region_status.{region}{'' if problem.startswith('.') else ' '}{problem}"
+    return entry, None
+
+
+@dataclass(frozen=True)
+class Record:
+    """What the health job reads from one table item. ``endpoint`` is None when the record is invalid:
+    then only what can be read leniently is known, enough to keep watching what runs."""
+
+    name: str
+    targets: tuple[str, ...]
+    namespace: str | None
+    item: Mapping[str, Any]
+    endpoint: Endpoint | None = None
+
+    @property
+    def valid(self) -> bool:
+        return self.endpoint is not None
+
+
+def _lenient_regions(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        return ()
+    return tuple(sorted({r for r in value if isinstance(r, str)}))
+
+
+def read_records(items: Iterable[Any], validated: Validated) -> tuple[list[Record], dict[str, str]]:
+    """Every item as a Record, valid or not; items without a usable name as problems."""
+    records: list[Record] = []
+    problems: dict[str, str] = {}
+    for item in items:
+        name = item.get("endpoint_name") if isinstance(item, Mapping) else None
+        if not isinstance(name, str) or not name:
+            problems[record_name(item)] = f'endpoint "{record_name(item)}": endpoint_name is not a name, so the record cannot be watched'
+            continue
+        ep = validated.endpoints.get(name)
+        if ep is not None:
+            records.append(Record(name, ep.target_regions, ep.namespace, item, ep))
+        else:
+            namespace = item.get("namespace")
+            records.append(Record(name, _lenient_regions(item.get("target_regions")),
+                                  namespace if isinstance(namespace, str) else None, item))
+    return records, problems
+
+
+# ---- decisions (pure) ------------------------------------------------------------------------------------------
+
+
+COMPARED = ("state", "replicas_ready", "replicas_desired", "canary_ready", "canary_desired", "ingress", "unready_since")
+"""A status is written only when one of these changes (not for last_sync or message alone)."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: dict[str, Any] | None = None
+    """The new region status to write, or None when nothing changed."""
+    delete: tuple[tuple[str, str], ...] = ()
+    """Ingresses to delete once ``status`` (if any) is written."""
+    event: str | None = None
+    """withdrawn or readmitted."""
+
+
+def decide(stored: Mapping[str, Any] | None, obs: Observed, *, desired_state: str | None, now: float,
+           threshold: float) -> Decision:
+    """This region's next status for one endpoint, and the Ingresses to take off the shared ALB.
+
+    ``stored`` has passed :func:`entry_problem`. ``desired_state`` is None for an invalid record:
+    its last applied declaration keeps running and is watched as it is. Readiness is the primary's:
+    a live canary cannot carry a dead primary. A runner's ``error`` state (and its message) stays
+    until the runner clears it; the replica counts and the watchdog's fields are still kept current.
+    """
+    old = dict(stored or {})
+    state = old.get("state")
+    if state in (None, "pending", "error") and not obs.seen and desired_state != "stopped":
+        return Decision()  # not applied here yet (or failed): the runner owns that status
+    new = dict(old)
+    primary, canary = obs.primary, obs.canary
+    new["replicas_ready"], new["replicas_desired"] = primary.ready, primary.desired
+    if canary.seen:
+        new["canary_ready"], new["canary_desired"] = canary.ready, canary.desired
+    else:
+        new.pop("canary_ready", None)
+        new.pop("canary_desired", None)
+    delete: tuple[tuple[str, str], ...] = ()
+    event = None
+    if desired_state == "stopped":
+        new["state"] = "stopped"
+        new.pop("unready_since", None)
+        delete = tuple(obs.ingresses)  # stopped endpoints never keep an Ingress
+    else:
+        if primary.desired > 0 and primary.ready >= primary.desired and primary.updated:
+            new["state"] = "running"
+        elif state in ("running", "updating"):
+            new["state"] = "updating"
+        else:
+            new["state"] = "creating"
+        if primary.ready == 0 and primary.desired > 0:
+            since = min(_parse_iso(old.get("unready_since")) or now, now)  # a timer in the future never fires
+            new["unready_since"] = _iso(since)
+            if old.get("ingress") != "withdrawn" and now - since >= threshold:
+                new["ingress"] = "withdrawn"
+                new["message"] = f"no ready replica for {int(now - since)}s: Ingress withdrawn from the shared ALB"
+                delete, event = tuple(obs.ingresses), "withdrawn"
+            elif old.get("ingress") == "withdrawn":
+                delete = tuple(obs.ingresses)  # someone re-created it while still dead
+        else:
+            new.pop("unready_since", None)
+            if old.get("ingress") == "withdrawn" and primary.ready > 0:
+                new["ingress"] = "active"
+                new["message"] = "ready again: Ingress re-admitted on the next runner tick"
+                event = "readmitted"
+    if state == "error":
+        new["state"] = "error"
+    if all(new.get(k) == old.get(k) for k in COMPARED):
+        return Decision(None, delete)
+    new["last_sync"] = _iso(now)
+    return Decision(new, delete, event)
+
+
+def _shows_objects(entry: Mapping[str, Any]) -> bool:
+    return entry.get("ingress") is not None or any(_number(entry.get(k)) for k in STATUS_NUMBERS)
+
+
+def purge_blocker(record: Record, *, region: str, known_regions: Iterable[str], objects_here: bool) -> str | None:
+    """Why a ``deleted`` record may not be purged yet; None when it may.
+
+    Purged only when every target region is one the platform knows and there reports ``deleted``
+    or never applied it (no status, or only pending/error with no sign of objects), and none of its
+    objects is left in this cluster. A typo region or one not yet set up keeps the record.
+    """
+    if objects_here:
+        return f"its objects still exist in {region}"
+    known = set(known_regions)
+    for r in record.targets:
+        if r not in known:
+            return f"target region {r} is not a known region"
+        entry, problem = stored_entry(record.item, r)
+        if problem is not None:
+            return problem
+        if entry is None:
+            continue
+        state = entry.get("state")
+        if state == "deleted" or (state in ("pending", "error") and not _shows_objects(entry)):
+            continue
+        return f"{r} reports {state!r}, not deleted"
+    return None
+
+
+# ---- the job ---------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -123,18 +448,30 @@ class HealthReport:
     readmitted: list[str] = field(default_factory=list)
     promoted: list[str] = field(default_factory=list)
     purged: list[str] = field(default_factory=list)
+    invalid: list[str] = field(default_factory=list)
+    """Invalid records still watched (leniently read: never promoted or purged)."""
+    problems: dict[str, str] = field(default_factory=dict)
+    """Records this tick could not handle, with the reason; every other record went on."""
     api_calls: int = 0
     error: str | None = None
+
+
+RECORD_ERRORS = (StoreError, *KUBE_ERRORS, TypeError, ValueError, KeyError, AttributeError, ArithmeticError)
+"""What handling one record may raise on data of the wrong shape or a failed call: that record's problem."""
 
 
 class HealthJob:
     def __init__(self, store: EndpointStore, api: client.ApiClient, region: str, namespaces: Iterable[str], *,
                  threshold: float = 300.0, known_regions: Iterable[str] | None = None,
-                 elector: LeaseElector | None = None, clock: Callable[[], float] = time.time) -> None:
+                 elector: LeaseElector | None = None, request_timeout: float = REQUEST_TIMEOUT,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store, self.region, self.namespaces = store, region, tuple(namespaces)
-        self.apps, self.net = client.AppsV1Api(api), client.NetworkingV1Api(api)
-        self.threshold, self.clock, self.elector = threshold, clock, elector
-        self.known_regions = set(known_regions) if known_regions is not None else None
+        bounded = without_retries(api)
+        self.apps, self.net = client.AppsV1Api(bounded), client.NetworkingV1Api(bounded)
+        self.threshold, self.clock, self.elector, self.request_timeout = threshold, clock, elector, request_timeout
+        self.known_regions = {region, *known_regions} if known_regions is not None else None
+        """The platform's regions; unset, promotion waits for every target region and a record is purged
+        only when this region is its only target (nothing else is known)."""
         self.last_success: float | None = None
 
     def observe(self, report: HealthReport) -> dict[str, Observed]:
@@ -142,19 +479,22 @@ class HealthJob:
         seen: dict[str, Observed] = {}
         for ns in self.namespaces:
             report.api_calls += 1
-            for d in self.apps.list_namespaced_deployment(ns, label_selector=LABEL).items:
-                name = (d.metadata.labels or {}).get("app")
+            for d in self.apps.list_namespaced_deployment(ns, label_selector=LABEL, _request_timeout=self.request_timeout).items:
+                labels = d.metadata.labels or {}
+                name = labels.get("app")
                 if not name:
                     continue
                 o = seen.setdefault(name, Observed())
+                t = o.canary if track_of(name, d.metadata.name, labels) == "canary" else o.primary
                 want = d.spec.replicas if d.spec.replicas is not None else 1
                 st = d.status
-                o.desired += want
-                o.ready += (st.ready_replicas or 0) if st else 0
+                t.seen = True
+                t.desired += want
+                t.ready += (st.ready_replicas or 0) if st else 0
                 if st is None or (st.observed_generation or 0) < (d.metadata.generation or 0) or (st.updated_replicas or 0) < want:
-                    o.updated = False
+                    t.updated = False
             report.api_calls += 1
-            for i in self.net.list_namespaced_ingress(ns, label_selector=LABEL).items:
+            for i in self.net.list_namespaced_ingress(ns, label_selector=LABEL, _request_timeout=self.request_timeout).items:
                 name = (i.metadata.labels or {}).get("app")
                 if name:
                     seen.setdefault(name, Observed()).ingresses.append((ns, i.metadata.name))
@@ -168,90 +508,87 @@ class HealthJob:
         try:
             items = self.store.list_endpoints()
             observed = self.observe(report)
-        except (StoreError, client.ApiException) as exc:
+        except (StoreError, *KUBE_ERRORS) as exc:
             report.error = str(exc)
             return report
-        by_name = {i.get("endpoint_name"): i for i in items}
-        validated = validate_all(items, allowed_namespaces=self.namespaces)
+        records, report.problems = read_records(items, validate_all(items, allowed_namespaces=self.namespaces))
         now = self.clock()
-        for ep in validated.endpoints.values():
+        for record in records:
             if not self._acting():
                 report.error = "lost the lease"
                 return report
-            if ep.targets(self.region) and ep.desired_state != "deleted":
-                report.endpoints += 1
-                self._region(ep, by_name[ep.name], observed.get(ep.name, Observed()), now, report)
-        self._promote_and_purge(validated.endpoints.values(), report)
+            obs = observed.get(record.name, Observed())
+            if not self._watches(record, obs):
+                continue
+            report.endpoints += 1
+            if not record.valid:
+                report.invalid.append(record.name)
+            try:
+                self._region(record, obs, now, report)
+            except RECORD_ERRORS as exc:
+                report.problems[record.name] = f'endpoint "{record.name}": {type(exc).__name__}: {exc}'[:500]
+        self._promote_and_purge(records, observed, report)
         self.last_success = now
         return report
 
     def _acting(self) -> bool:
         return self.elector is None or self.elector.is_leader()
 
-    def _region(self, ep: Endpoint, item: Mapping[str, Any], obs: Observed, now: float, report: HealthReport) -> None:
-        stored = dict((item.get("region_status") or {}).get(self.region) or {})
-        new = dict(stored)
-        if stored.get("state") in (None, "pending", "error") and not obs.desired and not obs.ingresses and ep.desired_state != "stopped":
-            return  # not applied here yet (or failed): the runner owns that status
-        new["replicas_ready"], new["replicas_desired"] = obs.ready, obs.desired
-        if ep.desired_state == "stopped":
-            new["state"] = "stopped"
-            new.pop("unready_since", None)
-            for ns, name in obs.ingresses:  # stopped endpoints never keep an Ingress
-                self._delete_ingress(ns, name)
-        else:
-            if obs.ready >= obs.desired and obs.desired > 0 and obs.updated:
-                new["state"] = "running"
-            elif stored.get("state") in ("running", "updating"):
-                new["state"] = "updating"
-            else:
-                new["state"] = "creating"
-            if obs.ready == 0 and obs.desired > 0:
-                since = _parse_iso(stored.get("unready_since")) or now
-                new["unready_since"] = _iso(since)
-                if now - since >= self.threshold and stored.get("ingress") != "withdrawn":
-                    for ns, name in obs.ingresses:
-                        self._delete_ingress(ns, name)
-                    new["ingress"] = "withdrawn"
-                    new["message"] = f"no ready replica for {int(now - since)}s: Ingress withdrawn from the shared ALB"
-                    report.withdrawn.append(ep.name)
-                elif stored.get("ingress") == "withdrawn":
-                    for ns, name in obs.ingresses:  # someone re-created it while still dead
-                        self._delete_ingress(ns, name)
-            else:
-                new.pop("unready_since", None)
-                if stored.get("ingress") == "withdrawn" and obs.ready > 0:
-                    new["ingress"] = "active"
-                    new["message"] = "ready again: Ingress re-admitted on the next runner tick"
-                    report.readmitted.append(ep.name)
-        keys = ("state", "replicas_ready", "replicas_desired", "ingress", "unready_since")
-        if all(new.get(k) == stored.get(k) for k in keys):
+    def _watches(self, record: Record, obs: Observed) -> bool:
+        """Valid records that should run here; invalid ones wherever their last declaration may still run."""
+        if record.endpoint is not None:
+            return record.endpoint.targets(self.region) and record.endpoint.desired_state != "deleted"
+        return self.region in record.targets or obs.seen
+
+    def _region(self, record: Record, obs: Observed, now: float, report: HealthReport) -> None:
+        stored, problem = stored_entry(record.item, self.region)
+        if problem is not None:  # never written over or acted on: someone has to look at it
+            report.problems[record.name] = f'endpoint "{record.name}": {problem}'
             return
-        new["last_sync"] = _iso(now)
-        if self._acting() and self.store.write_region_status(ep.name, self.region, new, expected=stored or None):
+        desired = record.endpoint.desired_state if record.endpoint is not None else None
+        decision = decide(stored, obs, desired_state=desired, now=now, threshold=self.threshold)
+        if decision.status is not None:
+            # The intent is recorded before acting on it: if the write loses a race, nothing is deleted
+            # and the next tick decides again from what the table then says.
+            if not self._acting() or not self.store.write_region_status(record.name, self.region, decision.status,
+                                                                        expected=stored):
+                return
             report.writes += 1
+        for ns, name in decision.delete:
+            self._delete_ingress(ns, name)
+        if decision.event == "withdrawn":
+            report.withdrawn.append(record.name)
+        elif decision.event == "readmitted":
+            report.readmitted.append(record.name)
 
     def _delete_ingress(self, namespace: str, name: str) -> None:
         if not self._acting():
             return
         try:
-            self.net.delete_namespaced_ingress(name, namespace)
+            self.net.delete_namespaced_ingress(name, namespace, _request_timeout=self.request_timeout)
         except client.ApiException as exc:
             if exc.status != 404:
                 raise
 
-    def _promote_and_purge(self, endpoints: Iterable[Endpoint], report: HealthReport) -> None:
-        for ep in endpoints:
-            regions = [r for r in ep.target_regions if self.known_regions is None or r in self.known_regions]
-            states = [ep.status_in(r).state for r in regions]
+    def _promote_and_purge(self, records: Iterable[Record], observed: Mapping[str, Observed], report: HealthReport) -> None:
+        for record in records:
+            ep = record.endpoint
+            if ep is None or ep.desired_state not in ("deploying", "deleted"):
+                continue  # invalid records are watched, never promoted or purged
             if not self._acting():
                 return
-            if ep.desired_state == "deploying" and regions and all(s == "running" for s in states):
-                if self.store.set_desired_state(ep.name, "running", expected="deploying"):
-                    report.promoted.append(ep.name)
-            elif ep.desired_state == "deleted" and all(s == "deleted" for s in states):
-                if self.store.purge(ep.name, expected_updated_at=ep.updated_at):
-                    report.purged.append(ep.name)
+            try:
+                if ep.desired_state == "deploying":
+                    regions = [r for r in ep.target_regions if self.known_regions is None or r in self.known_regions]
+                    if regions and all(ep.status_in(r).state == "running" for r in regions):
+                        if self.store.set_desired_state(ep.name, "running", expected="deploying"):
+                            report.promoted.append(ep.name)
+                elif purge_blocker(record, region=self.region, known_regions=self.known_regions or {self.region},
+                                   objects_here=observed.get(ep.name, Observed()).seen) is None:
+                    if self.store.purge(ep.name, expected_updated_at=ep.updated_at):
+                        report.purged.append(ep.name)
+            except StoreError as exc:
+                report.problems[ep.name] = f'endpoint "{ep.name}": {exc}'[:500]
 
 
 # ---- liveness ------------------------------------------------------------------------------------------------------
@@ -283,4 +620,5 @@ def job_is_healthy(job: HealthJob, max_age: float) -> Callable[[], bool]:
     return check
 
 
-__all__ = ["HealthJob", "HealthReport", "LeaseElector", "serve_liveness", "job_is_healthy"]
+__all__ = ["HealthJob", "HealthReport", "LeaseElector", "Observed", "Record", "Track", "decide", "entry_problem",
+           "purge_blocker", "read_records", "serve_liveness", "job_is_healthy", "stored_entry", "without_retries"]
