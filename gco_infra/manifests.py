@@ -173,15 +173,33 @@ def pod_spec(ep: Endpoint, region: str, settings: ClusterSettings, image: str,
     return pod
 
 
+def pod_selector(name: str, track: str) -> dict[str, str]:
+    """The labels a Deployment and its Service select pods by.
+
+    The primary selects ``app: <name>``, exactly as the controller this project replaces did, so
+    its Deployments and Services are adopted in place (a Deployment's selector cannot change, and
+    the Service keeps finding the running pods throughout the takeover). Canary pods therefore carry
+    ``app: <name>-canary`` (and ``gco.io/canary-of: <name>``), never ``app: <name>``, so neither the
+    primary Deployment nor the primary Service ever picks them up.
+    """
+    if track == "primary":
+        return {"app": name}
+    return {"app": canary_name(name), "gco.io/track": track}
+
+
+def pod_labels(name: str, track: str) -> dict[str, str]:
+    extra = {} if track == "primary" else {"gco.io/canary-of": name}
+    return {**labels(name), "gco.io/track": track, **extra, **pod_selector(name, track)}
+
+
 def _deployment(ep: Endpoint, region: str, settings: ClusterSettings, *, name: str, track: str,
                 image: str, replicas: int | None, args_image: str | None = None) -> dict[str, Any]:
-    match = {"app": ep.name, "gco.io/track": track}
     pod = pod_spec(ep, region, settings, image, args_image)
     spec: dict[str, Any] = {
-        "selector": {"matchLabels": match},
+        "selector": {"matchLabels": pod_selector(ep.name, track)},
         "template": {
             "metadata": {
-                "labels": {**labels(ep.name), "gco.io/track": track},
+                "labels": pod_labels(ep.name, track),
                 # The ServiceAccount's AWS role is for the model-sync init container only.
                 "annotations": {SKIP_CONTAINERS: ",".join(c["name"] for c in pod["containers"])},
             },
@@ -197,7 +215,7 @@ def _deployment(ep: Endpoint, region: str, settings: ClusterSettings, *, name: s
 def _service(ep: Endpoint, settings: ClusterSettings, *, name: str, track: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": _meta(ep, name, settings, track=track),
-            "spec": {"type": "ClusterIP", "selector": {"app": ep.name, "gco.io/track": track},
+            "spec": {"type": "ClusterIP", "selector": pod_selector(ep.name, track),
                      "ports": [{"name": "http", "port": 80, "targetPort": ep.spec.port, "protocol": "TCP"}]}}
 
 

@@ -313,6 +313,24 @@ def lock_holder(lock: Path) -> tuple[str, str]:
     return "alive", who
 
 
+def hpa_handbacks(plan: Plan, items: list[dict[str, Any]], settings: StackSettings,
+                  outputs: Mapping[str, Any] | None) -> list[str]:
+    """Touched endpoints whose HPA this update removes while their Deployment stays (pure)."""
+    old = (outputs or {}).get("endpoints") or {}
+    candidates = [n for n in plan.touched if m.HPA in (((old.get(n) or {}).get("objects")) or {})]
+    if not candidates:
+        return []
+    valid = validate_all([i for i in items if isinstance(i, Mapping) and i.get("endpoint_name") in candidates],
+                         allowed_namespaces=settings.allowed_namespaces)
+    out = []
+    for name in candidates:
+        ep = valid.endpoints.get(name)
+        objects = m.desired_objects(ep, settings.region, settings.cluster) if ep else {}
+        if m.DEPLOYMENT in objects and m.HPA not in objects and (objects[m.DEPLOYMENT]["spec"].get("replicas") or 0) > 0:
+            out.append(name)
+    return out
+
+
 def _recover_file_backend(stack: str, env: Mapping[str, str], log: Callable[[str], None]) -> None:
     """Remove the lock of an update whose process died on this host (file backends only).
 
@@ -366,8 +384,11 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
         d = getattr(event, "diagnostic_event", None)
         if d is not None and d.severity == "error":
             endpoint = endpoint_of_urn(d.urn, owners) if d.urn else None
+            text = d.message.strip()
+            if endpoint is None and _GENERIC_DIAG.match(text):
+                return  # the engine's summary of the errors below ("update failed"), not one of them
             # An error that belongs to no endpoint (the program, the backend, credentials) fails them all.
-            diags.setdefault(endpoint or GENERAL, []).append(d.message.strip())
+            diags.setdefault(endpoint or GENERAL, []).append(text)
         f = getattr(event, "res_op_failed_event", None)
         if f is not None and f.metadata and f.metadata.urn:
             diags.setdefault(endpoint_of_urn(f.metadata.urn, owners) or GENERAL, [])
@@ -407,6 +428,21 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
         counts = up.summary.resource_changes or {}
         result.created, result.updated, result.deleted = counts.get("create", 0), counts.get("update", 0) + counts.get("replace", 0), counts.get("delete", 0)
         result.outputs = {k: v.value for k, v in up.outputs.items()}
+        handbacks = hpa_handbacks(plan, items, settings, outputs)
+        if handbacks:
+            # The HPA was deleted at the end of that update (deletes come last), so it may have
+            # scaled the Deployment once more after we set its count: refresh those Deployments now
+            # that no HPA is left, and the declared count wins (patchForce) in this same tick.
+            back = replace(plan, created=[], changed=handbacks, removed=[], full=False)
+            valid = owned(validate_all(items, allowed_namespaces=settings.allowed_namespaces), settings)
+            after = result.outputs or {}
+            kwargs["program"] = lambda: program.main(
+                items=items, previous=lambda: previous, settings=settings, only=set(handbacks),
+                previous_endpoints=after.get("endpoints") or {})
+            again = stack.up(target=targets_for(back, valid, settings, after), refresh=True, **kwargs)
+            result.operations += 1
+            result.updated += (again.summary.resource_changes or {}).get("update", 0)
+            result.outputs = {k: v.value for k, v in again.outputs.items()}
     except auto.ConcurrentUpdateError:
         result.action, result.message = "skipped", "stack is locked by another update; skipped this tick"
     except auto.CommandError as exc:
@@ -432,6 +468,8 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
     return result
 
 
+_GENERIC_DIAG = re.compile(r"^(error: )?(\d+ errors? occurred|update failed|preview failed|an error occurred)\b.{0,20}$",
+                          re.I | re.S)
 _GENERIC_ERROR = re.compile(r"error: (\d+ errors? occurred|update failed|preview failed)\s*:?\s*$")
 
 
@@ -451,8 +489,8 @@ def _engine_message(text: str) -> str:
 def _desired_replicas(ep: Endpoint) -> int:
     if ep.desired_state == "stopped":
         return 0
-    base = ep.spec.autoscaling.min_replicas if ep.spec.autoscaling.enabled else ep.spec.replicas
-    return base + (ep.spec.canary.replicas if ep.spec.canary else 0)
+    # the primary's, as the health job counts it (the canary's are canary_desired there)
+    return ep.spec.autoscaling.min_replicas if ep.spec.autoscaling.enabled else ep.spec.replicas
 
 
 def status_writable(item: Mapping[str, Any], region: str) -> bool:

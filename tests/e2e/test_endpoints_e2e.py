@@ -44,7 +44,7 @@ def test_full_featured_endpoint_is_created_with_every_object(env, tick, kube1):
     assert d.metadata.labels["gco.io/type"] == "inference"
     hpa = kube1.autoscaler("full")
     assert (hpa.spec.min_replicas, hpa.spec.max_replicas) == (2, 5)
-    assert d.spec.replicas == 1  # not pinned by us: the apiserver default, left to the HPA
+    assert d.spec.replicas == 2  # seeded at min_replicas; from here on the HPA owns it
     canary_ing = kube1.ingress("inference-full-canary")
     action = json.loads(canary_ing.metadata.annotations["alb.ingress.kubernetes.io/actions.weighted"])
     assert [t["weight"] for t in action["forwardConfig"]["targetGroups"]] == [80, 20]

@@ -128,3 +128,35 @@ def test_a_record_turning_invalid_keeps_its_ingress_withdrawn(env, tick, kube1):
     assert status(env, "wd-a")["state"] == "error" and status(env, "wd-a")["ingress"] == "withdrawn"
     put(env, "wd-a", state="deleted")
     tick()
+
+
+def test_an_update_that_fails_as_a_whole_writes_no_success(env, tmp_path):
+    """Issue 11.5: credentials the cluster refuses fail every endpoint of the update; no status says
+    creating, and the error says what failed (not "2 errors occurred")."""
+    import json
+    from dataclasses import replace
+
+    from .conftest import make_runner
+
+    cfg = json.loads(env.kubeconfig("local-1").read_text())
+    cfg["users"][0]["user"]["token"] = "not-a-valid-token"
+    bad = tmp_path / "kubeconfig-bad"
+    bad.write_text(json.dumps(cfg))
+    r = make_runner(env, stacks=("local",))
+    try:
+        for state in r.states.values():
+            state.settings = replace(state.settings, kubeconfig=str(bad), stack="local-badauth")
+        r.states = {"local-badauth": next(iter(r.states.values()))}
+        put(env, "auth-a")
+        put(env, "auth-b")
+        results = r.tick()
+        assert results[0].action == "failed", results[0].summary()
+        for name in ("auth-a", "auth-b"):
+            st = status(env, name)
+            assert st.get("state") == "error", st
+            assert "Unauthorized" in st["error"] or "unauthorized" in st["error"].lower(), st["error"]
+            assert "errors occurred" not in st["error"]
+    finally:
+        r.close()
+        for name in ("auth-a", "auth-b"):
+            put(env, name, state="deleted")

@@ -47,7 +47,7 @@ def test_plain_endpoint_objects_and_labels():
     assert path["path"] == "/inference/llama3" and path["backend"]["service"] == {"name": "llama3", "port": {"number": 80}}
     svc = o[m.SERVICE]["spec"]
     assert svc["ports"][0]["port"] == 80 and svc["ports"][0]["targetPort"] == 8000
-    assert svc["selector"] == {"app": "llama3", "gco.io/track": "primary"}
+    assert svc["selector"] == {"app": "llama3"}  # as the old controller's: adopted in place
 
 
 def test_probes_on_health_path():
@@ -124,7 +124,7 @@ def test_canary_objects_and_weighted_ingress():
     cd = o[m.CANARY_DEPLOYMENT]
     assert cd["metadata"]["name"] == "llama3-canary" and cd["spec"]["replicas"] == 2
     assert container(cd)["image"] == "org/server:2"
-    assert o[m.CANARY_SERVICE]["spec"]["selector"] == {"app": "llama3", "gco.io/track": "canary"}
+    assert o[m.CANARY_SERVICE]["spec"]["selector"] == {"app": "llama3-canary", "gco.io/track": "canary"}
     ci = o[m.CANARY_INGRESS]
     assert ci["metadata"]["annotations"]["pulumi.com/skipAwait"] == "true"
     action = json.loads(ci["metadata"]["annotations"][m.ALB + "actions.weighted"])
@@ -359,3 +359,18 @@ def test_gpu_metric_config_changes_the_fingerprint():
     plain = ep()
     assert len({m.declaration(plain, REGION, m.ClusterSettings(gpu_utilization_metric=n))[1]
                 for n in (None, GPU_METRIC)}) == 1  # endpoints without a gpu metric are not re-applied
+
+
+def test_primary_selectors_are_the_old_controllers_and_never_select_canary_pods():
+    """The primary Deployment and Service select app=<name>, as the replaced controller did (its
+    objects are adopted in place); canary pods never carry app=<name>, so no selector overlaps."""
+    o = objs(canary={"image": "org/server:2", "weight": 20})
+    primary = o[m.DEPLOYMENT]["spec"]["selector"]["matchLabels"]
+    assert primary == {"app": "llama3"} == o[m.SERVICE]["spec"]["selector"]
+    canary_pods = o[m.CANARY_DEPLOYMENT]["spec"]["template"]["metadata"]["labels"]
+    assert not primary.items() <= canary_pods.items()
+    assert canary_pods["gco.io/canary-of"] == "llama3" and canary_pods["gco.io/type"] == "inference"
+    for role in (m.DEPLOYMENT, m.CANARY_DEPLOYMENT):
+        d = o[role]["spec"]
+        assert d["selector"]["matchLabels"].items() <= d["template"]["metadata"]["labels"].items()
+    assert o[m.CANARY_SERVICE]["spec"]["selector"] == o[m.CANARY_DEPLOYMENT]["spec"]["selector"]["matchLabels"]

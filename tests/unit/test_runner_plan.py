@@ -297,3 +297,16 @@ def test_outputs_follow_the_resources_a_checkpoint_holds():
     assert fixed["endpoints"]["stays"] == outputs["endpoints"]["stays"]
     plan = plan_stack(S, validate_all([item("stays"), item("arrived")]), fixed, full_due=False, opts=OPTS)
     assert plan.removed == [] and plan.changed == ["arrived"]
+
+
+def test_switching_autoscaling_off_hands_replicas_back_in_the_same_tick():
+    from gco_infra.runner import hpa_handbacks
+
+    on = [item("a", replicas=2, autoscaling={"enabled": True, "min_replicas": 4}), item("b")]
+    out = outputs_for(on)
+    off = [item("a", replicas=2), item("b")]
+    plan = _plan(off, out)
+    assert plan.changed == ["a"] and hpa_handbacks(plan, off, S, out) == ["a"]
+    stopped = [item("a", state="stopped", replicas=2), item("b")]
+    assert hpa_handbacks(_plan(stopped, out), stopped, S, out) == []  # an HPA never scales from 0
+    assert hpa_handbacks(_plan(on, out), on, S, out) == []
