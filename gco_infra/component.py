@@ -45,6 +45,9 @@ class InferenceEndpointArgs:
     """Digest of ``objects``; exported so the runner can skip unchanged endpoints."""
     state: str
     """What was declared: the record's desired_state, or ``error`` when a last-good record is kept."""
+    replicas: str = "seed"
+    """With an HPA: how the Deployment declares replicas (program.replicas_mode): ``omit``, ``seed``
+    or ``ignore``."""
 
 
 def _protect_secrets(obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -72,14 +75,17 @@ class InferenceEndpoint(pulumi.ComponentResource):
             if obj is None:
                 continue
             meta = obj["metadata"]
-            opts = child
+            opts, spec = child, _protect_secrets(obj)
             if role == m.DEPLOYMENT and m.HPA in args.objects:
-                # The HPA owns the replica count: the declared value only seeds a new Deployment.
-                # On an existing one the provider keeps the live count while we still own the
-                # field, and leaves it alone once the HPA has taken it, so switching autoscaling
-                # on never drops running pods, and no apply fights the HPA.
-                opts = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(ignore_changes=["spec.replicas"]))
-            self.resources[role] = _KINDS[role](meta["name"], metadata=meta, spec=_protect_secrets(obj), opts=opts)
+                # The HPA owns the replica count. "ignore": the provider keeps the live count while
+                # we still own the field and leaves it alone once the HPA has taken it, so switching
+                # autoscaling on never drops running pods and no apply fights the HPA. "omit": a
+                # Deployment new to this stack (or adopted) gets no count from us at all.
+                if args.replicas == "ignore":
+                    opts = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(ignore_changes=["spec.replicas"]))
+                elif args.replicas == "omit":
+                    spec = {k: v for k, v in spec.items() if k != "replicas"}
+            self.resources[role] = _KINDS[role](meta["name"], metadata=meta, spec=spec, opts=opts)
         self.fingerprint = pulumi.Output.from_input(args.fingerprint)
         self.state = pulumi.Output.from_input(args.state)
         self.register_outputs({

@@ -442,7 +442,7 @@ _STATUS_TEXT = ("last_sync", "error", "ingress", "unready_since", "message")
 _STATUS_NUMBERS = ("replicas_ready", "replicas_desired")
 
 
-def _status_number(value: Any) -> int | None:
+def status_number(value: Any) -> int | None:
     """A whole number in 0..MAX_STATUS_NUMBER, or None; never builds a huge int from a Decimal."""
     if isinstance(value, bool):
         return None
@@ -501,7 +501,7 @@ def _read_region_status(value: Any, errs: _Errors) -> dict[str, RegionStatus]:
             v = raw.get(key)
             if v is None:
                 continue
-            number = _status_number(v)
+            number = status_number(v)
             if number is None:
                 errs.add(f"{path}.{key}", f"must be a whole number from 0 to {MAX_STATUS_NUMBER}, got {_show(v)}")
             else:
@@ -714,8 +714,9 @@ def canary_name_collisions(endpoints: Mapping[str, Endpoint]) -> dict[str, str]:
 
     Such names are allowed (the platform writes them) until an endpoint x declares a canary: its
     Deployment and Service ``x-canary`` and Ingress ``inference-x-canary`` then have the same names.
-    The ``-canary`` endpoint is the one reported. One that is ``deleted`` declares nothing, and
-    must stay valid so that what it had is removed.
+    Both endpoints are reported, as two claims of one ingress path are: whichever came first keeps
+    its last applied declaration and nothing that runs changes hands. One that is ``deleted``
+    declares nothing, and must stay valid so that what it had is removed.
     """
     out: dict[str, str] = {}
     for name, ep in endpoints.items():
@@ -724,8 +725,9 @@ def canary_name_collisions(endpoints: Mapping[str, Endpoint]) -> dict[str, str]:
         if ep.desired_state == "deleted" or owner is None or owner.desired_state == "deleted" \
                 or owner.spec.canary is None:
             continue
-        out[name] = (f'endpoint "{name}": endpoint_name collides with the canary of endpoint "{base}" '
-                     f"(its Deployment and Service {name} and Ingress inference-{name})")
+        objects = f"Deployment and Service {name}, Ingress inference-{name}"
+        out[name] = f'endpoint "{name}": endpoint_name collides with the canary of endpoint "{base}" ({objects})'
+        out[base] = f'endpoint "{base}": spec.canary collides with endpoint "{name}" ({objects})'
     return out
 
 

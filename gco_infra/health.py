@@ -12,20 +12,18 @@ are pure functions of the table item and what was observed; ``HealthJob`` does t
 from __future__ import annotations
 
 import copy
-import math
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from decimal import Decimal, InvalidOperation
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, Callable, Iterable, Mapping
 
 import urllib3
 from kubernetes import client
 
-from .endpoint import REGION_STATES, Endpoint, Validated, record_name, validate_all
+from .endpoint import REGION_STATES, Endpoint, Validated, record_name, status_number, validate_all
 from .store import EndpointStore, StoreError
 
 LABEL = "gco.io/type=inference"
@@ -228,22 +226,8 @@ def _size(value: Any, budget: int) -> int:
 
 def _number(value: Any) -> int | None:
     """A replica count as other writers may store it (int, Decimal, whole float, numeric string), or None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        if isinstance(value, (int, Decimal)):
-            number = Decimal(value)
-        elif isinstance(value, float) and math.isfinite(value):
-            number = Decimal(repr(value))
-        elif isinstance(value, str) and len(value) <= 32:
-            number = Decimal(value.strip())
-        else:
-            return None
-    except (InvalidOperation, ValueError):
-        return None
-    if not number.is_finite() or number != number.to_integral_value() or not 0 <= number <= MAX_REPLICAS:
-        return None
-    return int(number)
+    number = status_number(value)
+    return number if number is not None and number <= MAX_REPLICAS else None
 
 
 def entry_problem(entry: Any) -> str | None:

@@ -283,7 +283,9 @@ class LocalEnv:
                 "--log-level", "warn",
             ], self.path / "etcd.log")
             _wait(lambda: _http_ok(f"http://127.0.0.1:{self.etcd_port}/health"), "etcd", 60, self.etcd_pid, self.path / "etcd.log")
-            self.apiservers = {}  # a new etcd means new apiservers and an empty cluster:
+            for api in self.apiservers.values():  # a new etcd means a new control plane
+                self._stop_region(api)
+            self.apiservers = {}  # and an empty cluster:
             shutil.rmtree(self.path / "backend", ignore_errors=True)  # stack state would describe the old one
             (self.path / "backend").mkdir()
         self.save()
@@ -302,6 +304,8 @@ class LocalEnv:
             if api and _alive(api.pid, "kube-apiserver"):
                 progress(f"kube-apiserver {region} already running on {api.url}")
             else:
+                if api:  # its controllers would keep talking to a port nobody serves
+                    self._stop_region(api)
                 api = self._start_apiserver(region, binaries["kube-apiserver"], progress)
             self._start_controllers(api, binaries, progress)
         self.save()
@@ -387,6 +391,13 @@ class LocalEnv:
         _wait(lambda: _healthz(api.scheduler_port), f"kube-scheduler {region}", 120,
               api.scheduler_pid, self.path / f"scheduler-{region}.log")
 
+    @staticmethod
+    def _stop_region(api: ApiServer) -> None:
+        stop_pid(api.scheduler_pid, "kube-scheduler")
+        stop_pid(api.controller_manager_pid, "kube-controller-manager")
+        stop_pid(api.pid, "kube-apiserver")
+        api.pid = api.controller_manager_pid = api.scheduler_pid = None
+
     def _component_kubeconfig(self, region: str, component: str) -> Path:
         return self.path / f"kubeconfig-{region}-{component}"
 
@@ -433,7 +444,7 @@ class LocalEnv:
 
     def kube(self, region: str):
         """A kubernetes.client ApiClient for one local region."""
-        from kubernetes import client, config
+        from kubernetes import config
 
         return config.new_client_from_config(str(self.kubeconfig(region)))
 
@@ -452,18 +463,13 @@ class LocalEnv:
 
     def down(self, progress: Callable[[str], None] = lambda s: None, *, wipe: bool = False) -> None:
         for region, api in self.apiservers.items():
-            progress(f"stopping kube-scheduler and kube-controller-manager {region}")
-            stop_pid(api.scheduler_pid, "kube-scheduler")
-            stop_pid(api.controller_manager_pid, "kube-controller-manager")
-            progress(f"stopping kube-apiserver {region}")
-            stop_pid(api.pid, "kube-apiserver")
+            progress(f"stopping the control plane of {region}")
+            self._stop_region(api)
         progress("stopping etcd")
         stop_pid(self.etcd_pid, "etcd")
         progress("stopping DynamoDB (moto server)")
         stop_pid(self.moto_pid, "moto_server")
         self.etcd_pid = self.moto_pid = None
-        for api in self.apiservers.values():
-            api.pid = api.controller_manager_pid = api.scheduler_pid = None
         if wipe:
             shutil.rmtree(self.path, ignore_errors=True)
         else:

@@ -242,13 +242,14 @@ def make_provider(settings: StackSettings) -> k8s.Provider:
     return k8s.Provider("k8s", kubeconfig=settings.kubeconfig, context=settings.kube_context)
 
 
-def read_previous_records(stack: str, cwd: Path = PROJECT_ROOT) -> dict[str, dict[str, Any]]:
-    """The records last applied by this stack, from its outputs (for invalid records only)."""
+def read_previous_outputs(stack: str, cwd: Path = PROJECT_ROOT) -> dict[str, Any]:
+    """This stack's outputs as last applied (for invalid records and HPA-managed replicas only)."""
     proc = subprocess.run(["pulumi", "stack", "output", "--json", "--show-secrets", "--stack", stack],
                           cwd=cwd, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise ProgramError(f"reading the previous outputs of stack {stack} failed: {proc.stderr.strip()[:500]}")
-    return previous_records_from_outputs(json.loads(proc.stdout or "{}"))
+    outputs = json.loads(proc.stdout or "{}")
+    return outputs if isinstance(outputs, dict) else {}
 
 
 def previous_records_from_outputs(outputs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -268,15 +269,35 @@ class Declared:
     invalid: dict[str, list[str]] = field(default_factory=dict)
 
 
+def replicas_mode(applied: Mapping[str, Any] | None) -> str:
+    """How an HPA-managed Deployment declares replicas, from the endpoint's last applied outputs (pure).
+
+    - ``omit``: not applied by this stack yet (new, or the old controller's Deployment being
+      adopted): the field is left alone, so adoption keeps the running count and the HPA raises a
+      new Deployment to its minimum.
+    - ``seed``: it was applied without an HPA at 0 replicas (stopped): set min_replicas, since an HPA
+      never scales a Deployment up from 0.
+    - ``ignore``: it runs (with or without an HPA before): keep the live count; the HPA owns it.
+    """
+    if not isinstance(applied, Mapping):
+        return "omit"
+    roles = applied.get("objects") if isinstance(applied.get("objects"), Mapping) else {}
+    if m.HPA not in roles and (applied.get("state") == "stopped" or m.DEPLOYMENT not in roles):
+        return "seed"
+    return "ignore"
+
+
 def declare(settings: StackSettings, items: list[Mapping[str, Any]],
             previous: Callable[[], Mapping[str, Mapping[str, Any]]],
             provider: pulumi.ProviderResource | None = None,
-            only: Collection[str] | None = None) -> Declared:
+            only: Collection[str] | None = None,
+            applied: Callable[[], Mapping[str, Any]] = lambda: {}) -> Declared:
     """Declare the endpoints of the table that target this stack's region.
 
     ``only`` limits the declaration to those names: the runner's targeted updates declare just the
     endpoints they target, and the engine keeps every untargeted resource as it is (an untargeted
-    resource that is not declared is neither updated nor deleted).
+    resource that is not declared is neither updated nor deleted). ``applied`` returns the stack's
+    ``endpoints`` output (what it last applied), read only when an HPA or an invalid record needs it.
     """
     validated = owned(validate_all(items, allowed_namespaces=settings.allowed_namespaces), settings)
     raw_items = {record_name(i): i for i in items if isinstance(i, Mapping)}
@@ -289,8 +310,9 @@ def declare(settings: StackSettings, items: list[Mapping[str, Any]],
         objects, fp = m.declaration(ep, settings.region, settings.cluster)
         if not objects:
             return
+        mode = replicas_mode(applied().get(ep.name)) if m.HPA in objects else "seed"
         result.endpoints[ep.name] = InferenceEndpoint(
-            ep.name, InferenceEndpointArgs(objects=objects, fingerprint=fp, state=state), opts)
+            ep.name, InferenceEndpointArgs(objects=objects, fingerprint=fp, state=state, replicas=mode), opts)
         result.outputs[ep.name] = {
             "state": state, "namespace": ep.namespace, "fingerprint": fp,
             "objects": {role: f'{o["kind"]}/{o["metadata"]["name"]}' for role, o in objects.items()},
@@ -310,6 +332,9 @@ def declare(settings: StackSettings, items: list[Mapping[str, Any]],
                 pulumi.log.warn(e)
             kept = prior.get(name)
             if kept is None:
+                if name in applied():  # held here (e.g. moved in by `pulumi state move`) without its record
+                    raise ProgramError(f'endpoint "{name}" is invalid and stack {settings.stack} holds it without '
+                                       "its last applied record; refusing to remove it (fix the record)")
                 continue
             parsed = parse_endpoint(kept, allowed_namespaces=settings.allowed_namespaces)
             if parsed.endpoint is None:  # the rules tightened since it was applied: keep it as it was
@@ -375,7 +400,21 @@ def main(items: list[Mapping[str, Any]] | None = None,
     if only is not None and previous_endpoints is None:
         raise ProgramError("a targeted declaration needs the stack's previous endpoint outputs")
     provider = make_provider(settings)
-    declared = declare(settings, items, previous or (lambda: read_previous_records(settings.stack)), provider, only)
+    cache: dict[str, Mapping[str, Any]] = {}
+
+    def outputs_now() -> Mapping[str, Any]:  # one `pulumi stack output` call, only when needed
+        if "outputs" not in cache:
+            cache["outputs"] = read_previous_outputs(settings.stack)
+        return cache["outputs"]
+
+    def applied() -> Mapping[str, Any]:
+        if previous_endpoints is not None:
+            return previous_endpoints
+        endpoints = outputs_now().get("endpoints")
+        return endpoints if isinstance(endpoints, Mapping) else {}
+
+    declared = declare(settings, items, previous or (lambda: previous_records_from_outputs(outputs_now())),
+                       provider, only, applied)
     endpoints = None if only is None else kept_outputs(previous_endpoints or {}, declared, only)
     export(settings, declared, endpoints)
     return declared

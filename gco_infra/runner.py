@@ -276,30 +276,27 @@ def _file_locks(env: Mapping[str, str], stack: str) -> list[Path]:
     return list((Path(url[len("file://"):]) / ".pulumi" / "locks").glob(f"**/{PROJECT}/{stack}/*.json"))
 
 
-def _process_started_at(pid: int) -> float | None:
-    """Start time (epoch seconds) of a live, non-zombie process on this host; None if there is none."""
+def _is_live_pulumi(pid: int) -> bool:
+    """Whether pid is a running (not zombie) process of this host's Pulumi CLI."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-    except (OSError, StopIteration, ValueError):
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):  # exited, not yet reaped
-        return None
-    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):  # exited, not yet reaped
+        return False
+    return any(Path(arg.decode(errors="replace")).name == "pulumi" for arg in cmdline[:1])
 
 
 def lock_holder(lock: Path) -> tuple[str, str]:
     """("alive" | "dead" | "unknown", description) of the process holding a file-backend lock.
 
-    Dead is decided only on this host: the pid is gone, a zombie, or a newer process that reuses
-    the pid (it started after the lock was taken). A lock taken on another host cannot be checked
-    from here, so it is never taken for dead.
+    Dead is decided only on this host, and only when the pid is gone, a zombie, or not the Pulumi
+    CLI (the pid was reused). No clock is involved, so a stepped wall clock cannot make a live
+    update look dead. A lock taken on another host cannot be checked from here: never dead.
     """
     try:
         info = json.loads(lock.read_text())
-        taken = lock.stat().st_mtime
     except (OSError, ValueError):
         return "unknown", f"unreadable lock {lock.name}"
     pid = int(info.get("pid") or 0) if str(info.get("pid") or "0").isdigit() else 0
@@ -307,15 +304,12 @@ def lock_holder(lock: Path) -> tuple[str, str]:
     who = f"pid {pid} on {host}"
     if host != os.uname().nodename:
         return "unknown", who
-    started = _process_started_at(pid) if pid > 0 else None
-    if started is None or started > taken + 2.0:
-        return "dead", who
-    return "alive", who
+    return ("alive" if pid > 0 and _is_live_pulumi(pid) else "dead"), who
 
 
 def hpa_handbacks(plan: Plan, items: list[dict[str, Any]], settings: StackSettings,
                   outputs: Mapping[str, Any] | None) -> list[str]:
-    """Touched endpoints whose HPA this update removes while their Deployment stays (pure)."""
+    """Touched endpoints whose HPA this update removes while their Deployment stays running (pure)."""
     old = (outputs or {}).get("endpoints") or {}
     candidates = [n for n in plan.touched if m.HPA in (((old.get(n) or {}).get("objects")) or {})]
     if not candidates:
@@ -630,7 +624,9 @@ def reconcile_outputs(outputs: Mapping[str, Any], held: set[str]) -> dict[str, A
     result = dict(outputs)
     endpoints = outputs.get("endpoints")
     if not isinstance(endpoints, Mapping):
-        return result
+        if not held:
+            return result
+        endpoints = {}  # never updated, yet holds endpoints (`pulumi stack init` then `state move`)
     kept = {n: o for n, o in endpoints.items() if n in held}
     for name in sorted(held - set(kept)):
         kept[name] = {"fingerprint": "", "objects": {}, "state": "unknown"}
@@ -841,6 +837,11 @@ class Runner:
         """One pass over all stacks. StoreError propagates before any Pulumi operation."""
         items, generation = self.read_table()
         by_name = {i.get("endpoint_name"): i for i in items if isinstance(i, Mapping)}
+        if "status problems" not in self._memo or self._memo.get("generation") != generation:
+            # reported once per table generation: the record's status is left alone, nothing else is affected
+            for problem in self._memoized(generation, "status problems",
+                                          lambda: [p for i in items if (p := region_status_problem(i))]):
+                self.progress(f"{problem} (reported; every other record and field goes on)")
         now = time.monotonic()
         results: list[StackResult] = []
         work: list[tuple[StackState, Plan, Validated, list[str] | None]] = []
@@ -902,9 +903,13 @@ class Runner:
         for (state, plan, validated, _), res in zip(work, self._run(work, items)):
             self.operations += res.operations
             res.changed = len(plan.touched)
-            if res.outputs is not None:
+            if res.outputs is not None and res.action in ("full", "targeted"):
                 state.outputs = res.outputs
-            state.checkpoint = self._checkpoint_token(state.settings.stack)
+                state.checkpoint = self._checkpoint_token(state.settings.stack)
+            else:  # skipped (another update wrote), or failed: read the stack again next tick
+                if res.outputs is not None:
+                    state.outputs = res.outputs
+                state.outputs_loaded = False
             if res.action == "full":
                 state.last_full = now
             if res.action == "failed":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from gco_infra.store import EndpointStore, StoreConfig, StoreError
 
@@ -44,7 +45,10 @@ def test_full_featured_endpoint_is_created_with_every_object(env, tick, kube1):
     assert d.metadata.labels["gco.io/type"] == "inference"
     hpa = kube1.autoscaler("full")
     assert (hpa.spec.min_replicas, hpa.spec.max_replicas) == (2, 5)
-    assert d.spec.replicas == 2  # seeded at min_replicas; from here on the HPA owns it
+    deadline = time.monotonic() + 60  # we leave the count to the HPA controller: it enforces minReplicas
+    while kube1.deployment("full").spec.replicas != 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert kube1.deployment("full").spec.replicas == 2
     canary_ing = kube1.ingress("inference-full-canary")
     action = json.loads(canary_ing.metadata.annotations["alb.ingress.kubernetes.io/actions.weighted"])
     assert [t["weight"] for t in action["forwardConfig"]["targetGroups"]] == [80, 20]

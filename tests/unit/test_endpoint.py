@@ -287,10 +287,14 @@ def test_name_colliding_with_another_endpoints_canary_objects_is_invalid():
     base = good(endpoint_name="foo", ingress_path=None)
     base["spec"] = {**base["spec"], "canary": {"image": "a/b:2", "weight": 10}}
     v = validate_all([canary_of("foo"), base])
-    assert set(v.endpoints) == {"foo"}  # only the -canary endpoint is marked invalid
+    # both are reported (as two claims of one path are): whichever was applied first keeps its last
+    # declaration, and nothing that runs changes hands between them
+    assert set(v.endpoints) == set() and set(v.invalid) == {"foo", "foo-canary"}
     (error,) = v.invalid["foo-canary"]
     assert error.startswith('endpoint "foo-canary": endpoint_name ')
     assert 'endpoint "foo"' in error and "foo-canary" in error and "inference-foo-canary" in error
+    (error,) = v.invalid["foo"]
+    assert error.startswith('endpoint "foo": spec.canary ') and 'endpoint "foo-canary"' in error
 
 
 def test_canary_collision_ignores_deleted_and_invalid_owners_and_deleted_claimants():

@@ -27,18 +27,25 @@ def _env(tmp_path):
     return {"PULUMI_BACKEND_URL": f"file://{tmp_path / 'backend'}"}
 
 
+def _fake_pulumi(tmp_path):
+    """A long-running process whose program is named pulumi, as the engine's is."""
+    exe = tmp_path / "bin" / "pulumi"
+    exe.parent.mkdir(exist_ok=True)
+    exe.symlink_to("/bin/sleep")
+    return subprocess.Popen([str(exe), "60"])
+
+
 def test_a_live_holder_keeps_its_lock_however_old(tmp_path):
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = _fake_pulumi(tmp_path)
     try:
         time.sleep(0.2)
-        lock = _lock(tmp_path, sleeper.pid)
-        os.utime(lock, (time.time() + 1, time.time() + 1))  # taken after the process started
+        lock = _lock(tmp_path, holder.pid, age=10 * 86400)
         assert lock_holder(lock)[0] == "alive"
         _recover_file_backend("local", _env(tmp_path), lambda m: None)
         assert lock.exists()
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        holder.kill()
+        holder.wait()
 
 
 def test_a_dead_holder_loses_its_lock_at_once(tmp_path):
@@ -63,7 +70,7 @@ def test_a_zombie_holder_is_dead(tmp_path):
 def test_a_reused_pid_is_not_the_holder(tmp_path):
     newer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        lock = _lock(tmp_path, newer.pid, age=3600)  # the lock is older than the process with its pid
+        lock = _lock(tmp_path, newer.pid)  # the pid now belongs to something that is not the engine
         assert lock_holder(lock)[0] == "dead"
     finally:
         newer.kill()

@@ -31,7 +31,7 @@ class Mocks(pulumi.runtime.Mocks):
         return {}
 
 
-def run(items, *, region=REGION, previous=None, only=None):
+def run(items, *, region=REGION, previous=None, only=None, applied=None):
     mocks = Mocks()
     pulumi.runtime.set_mocks(mocks, project="gco-infra", stack="test", preview=False)
     settings = StackSettings(stack="test", region=region)
@@ -44,7 +44,7 @@ def run(items, *, region=REGION, previous=None, only=None):
 
     @pulumi.runtime.test
     def body():
-        declared = declare(settings, items, prev, None, only)
+        declared = declare(settings, items, prev, None, only, lambda: applied or {})
         export(settings, declared)
         holder["declared"] = declared
         urns = [r.urn for e in declared.endpoints.values() for r in e.resources.values()]
@@ -89,7 +89,22 @@ def test_untargeted_region_declares_nothing():
 def test_hpa():
     got, inputs, _, _ = run([item(replicas=3, autoscaling={"enabled": True, "max_replicas": 5})])
     assert got == plain() | {(HPA, "llama3")}
-    assert inputs[f"llama3|{DEP}"]["spec"]["replicas"] == 1  # min_replicas seeds a new Deployment only
+    assert "replicas" not in inputs[f"llama3|{DEP}"]["spec"]  # new here (or adopted): the count is left alone
+
+
+def test_hpa_replicas_follow_what_the_stack_last_applied():
+    """Restarting a stopped endpoint with autoscaling seeds min_replicas (an HPA never scales up from
+    0); a running one keeps its live count (the component ignores spec.replicas)."""
+    from gco_infra.program import replicas_mode
+
+    rec = item(replicas=3, autoscaling={"enabled": True, "min_replicas": 2, "max_replicas": 5})
+    stopped = {"llama3": {"state": "stopped", "objects": {"deployment": "Deployment/llama3", "service": "Service/llama3"}}}
+    _, inputs, _, _ = run([rec], applied=stopped)
+    assert inputs[f"llama3|{DEP}"]["spec"]["replicas"] == 2
+    assert replicas_mode(stopped["llama3"]) == "seed"
+    assert replicas_mode({"state": "running", "objects": {"deployment": "D", "hpa": "H"}}) == "ignore"
+    assert replicas_mode({"state": "running", "objects": {"deployment": "D"}}) == "ignore"  # switched on: keep pods
+    assert replicas_mode(None) == "omit"
 
 
 def test_canary():
@@ -275,9 +290,12 @@ def test_gpu_utilization_metric_must_be_a_metric_name(bad):
 
 
 def test_endpoint_named_like_another_endpoints_canary_is_reported_not_declared():
-    got, _, declared, _ = run([item("x", canary={"image": "org/server:2", "weight": 10}), item("x-canary")])
-    assert got == plain("x") | {(DEP, "x-canary"), (SVC, "x-canary"), (ING, "inference-x-canary")}
-    assert (COMP, "x-canary") not in got
-    assert 'endpoint "x"' in declared.invalid["x-canary"][0]
+    # x ran without a canary and x-canary beside it; x now asks for a canary: both are reported, and
+    # each keeps exactly its last applied declaration (no object changes hands)
+    last = {n: endpoint_to_item(parse_endpoint(item(n)).endpoint) for n in ("x", "x-canary")}
+    got, _, declared, _ = run([item("x", canary={"image": "org/server:2", "weight": 10}), item("x-canary")],
+                              previous=last)
+    assert got == plain("x") | plain("x-canary")
+    assert 'endpoint "x"' in declared.invalid["x-canary"][0] and "x" in declared.invalid
     got, _, declared, _ = run([item("x"), item("x-canary")])
     assert got == plain("x") | plain("x-canary") and not declared.invalid

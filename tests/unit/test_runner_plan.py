@@ -310,3 +310,13 @@ def test_switching_autoscaling_off_hands_replicas_back_in_the_same_tick():
     stopped = [item("a", state="stopped", replicas=2), item("b")]
     assert hpa_handbacks(_plan(stopped, out), stopped, S, out) == []  # an HPA never scales from 0
     assert hpa_handbacks(_plan(on, out), on, S, out) == []
+
+
+def test_a_never_updated_stack_that_holds_moved_endpoints_counts_them():
+    from gco_infra.runner import reconcile_outputs
+
+    fixed = reconcile_outputs({}, {"moved"})
+    assert set(fixed["endpoints"]) == {"moved"}
+    plan = plan_stack(S, validate_all([]), fixed, full_due=False, opts=OPTS)
+    assert plan.removed == ["moved"] and plan.applied == 1  # counted by the deletion bound, not a "first apply"
+    assert reconcile_outputs({}, set()) == {}
