@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import datetime
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, Iterable, Mapping
@@ -772,3 +773,80 @@ def endpoint_to_item(ep: Endpoint) -> dict[str, Any]:
 def region_statuses(value: Any) -> dict[str, RegionStatus]:
     """Every region's status of an item's raw ``region_status``, read leniently (never raises)."""
     return _read_region_status(value, _Errors("<unnamed>"))
+
+
+# ---- a stored region status entry, as both writers (runner, health job) need it ----------------------------
+
+STATUS_NUMBERS = ("replicas_ready", "replicas_desired", "canary_ready", "canary_desired")
+STATUS_TEXTS = ("last_sync", "error", "message")
+INGRESS_FLAGS = ("active", "withdrawn")
+MAX_STATUS_TEXT = 4096
+MAX_STATUS_SIZE = 16 * 1024
+
+
+def _status_size(value: Any, budget: int) -> int:
+    """Roughly how many characters a status value holds; stops counting past ``budget``."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, Mapping):
+        total = 0
+        for k, v in value.items():
+            total += len(str(k)) + _status_size(v, budget - total)
+            if total > budget:
+                break
+        return total
+    if isinstance(value, (list, tuple, set, frozenset)):
+        total = 0
+        for v in value:
+            total += _status_size(v, budget - total)
+            if total > budget:
+                break
+        return total
+    return 8
+
+
+def status_entry_problem(entry: Any) -> str | None:
+    """Why a stored ``region_status.<region>`` cannot be read and written back safely (None: it can)."""
+    if not isinstance(entry, Mapping):
+        return f"must be a map, got {_show_kind(entry)}"
+    if any(not isinstance(k, str) for k in entry):
+        return "has a key that is not a string"
+    size = _status_size(entry, MAX_STATUS_SIZE)
+    if size > MAX_STATUS_SIZE:
+        return f"holds more than {MAX_STATUS_SIZE} characters"
+    for key, value in entry.items():
+        if isinstance(value, str) and len(value) > MAX_STATUS_TEXT:
+            return f".{key} must be at most {MAX_STATUS_TEXT} characters, got {len(value)}"
+    state = entry.get("state")
+    if state is not None and state not in REGION_STATES:
+        return f".state must be one of {', '.join(REGION_STATES)}, got {_show_kind(state)}"
+    ingress = entry.get("ingress")
+    if ingress is not None and ingress not in INGRESS_FLAGS:
+        return f".ingress must be active or withdrawn, got {_show_kind(ingress)}"
+    since = entry.get("unready_since")
+    if since is not None and not _iso_time(since):
+        return f".unready_since must be an ISO-8601 time, got {_show_kind(since)}"
+    for key in STATUS_NUMBERS:
+        if entry.get(key) is not None and status_number(entry[key]) is None:
+            return f".{key} must be a count of replicas, got {_show_kind(entry[key])}"
+    for key in STATUS_TEXTS:
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            return f".{key} must be a string, got {_show_kind(entry[key])}"
+    return None
+
+
+
+
+def _iso_time(text: Any) -> bool:
+    if not isinstance(text, str) or not text or len(text) > 64:
+        return False
+    try:
+        datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return True
+    except (ValueError, OverflowError):
+        return False
+
+
+def _show_kind(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else type(value).__name__ if isinstance(value, (Mapping, list)) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterable, Mapping
 import urllib3
 from kubernetes import client
 
-from .endpoint import REGION_STATES, Endpoint, Validated, record_name, status_number, validate_all
+from .endpoint import (STATUS_NUMBERS, Endpoint, Validated, record_name, status_entry_problem, status_number,
+                       validate_all)
 from .store import EndpointStore, StoreError
 
 LABEL = "gco.io/type=inference"
@@ -195,69 +196,9 @@ def track_of(app: str, deployment: str, labels: Mapping[str, str]) -> str:
 # ---- what the table says ---------------------------------------------------------------------------------------
 
 
-STATUS_NUMBERS = ("replicas_ready", "replicas_desired", "canary_ready", "canary_desired")
-STATUS_TEXTS = ("last_sync", "error", "message")
-INGRESS_FLAGS = ("active", "withdrawn")
-MAX_STATUS_TEXT = 4096
-MAX_STATUS_SIZE = 16 * 1024
-MAX_REPLICAS = 1_000_000
-
-
-def _size(value: Any, budget: int) -> int:
-    """Roughly how many characters a status value holds; stops counting past ``budget``."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, Mapping):
-        total = 0
-        for k, v in value.items():
-            total += len(str(k)) + _size(v, budget - total)
-            if total > budget:
-                break
-        return total
-    if isinstance(value, (list, tuple, set, frozenset)):
-        total = 0
-        for v in value:
-            total += _size(v, budget - total)
-            if total > budget:
-                break
-        return total
-    return 8
-
-
-def _number(value: Any) -> int | None:
-    """A replica count as other writers may store it (int, Decimal, whole float, numeric string), or None."""
-    number = status_number(value)
-    return number if number is not None and number <= MAX_REPLICAS else None
-
-
-def entry_problem(entry: Any) -> str | None:
-    """Why a stored ``region_status.<region>`` cannot be read and written back safely (None: it can)."""
-    if not isinstance(entry, Mapping):
-        return f"must be a map, got {_show(entry)}"
-    if any(not isinstance(k, str) for k in entry):
-        return "has a key that is not a string"
-    size = _size(entry, MAX_STATUS_SIZE)
-    if size > MAX_STATUS_SIZE:
-        return f"holds more than {MAX_STATUS_SIZE} characters"
-    for key, value in entry.items():
-        if isinstance(value, str) and len(value) > MAX_STATUS_TEXT:
-            return f".{key} must be at most {MAX_STATUS_TEXT} characters, got {len(value)}"
-    state = entry.get("state")
-    if state is not None and state not in REGION_STATES:
-        return f".state must be one of {', '.join(REGION_STATES)}, got {_show(state)}"
-    ingress = entry.get("ingress")
-    if ingress is not None and ingress not in INGRESS_FLAGS:
-        return f".ingress must be active or withdrawn, got {_show(ingress)}"
-    since = entry.get("unready_since")
-    if since is not None and _parse_iso(since) is None:
-        return f".unready_since must be an ISO-8601 time, got {_show(since)}"
-    for key in STATUS_NUMBERS:
-        if entry.get(key) is not None and _number(entry[key]) is None:
-            return f".{key} must be a count of replicas, got {_show(entry[key])}"
-    for key in STATUS_TEXTS:
-        if entry.get(key) is not None and not isinstance(entry[key], str):
-            return f".{key} must be a string, got {_show(entry[key])}"
-    return None
+# The stored entry's rules are the record module's (the runner writes the same entries).
+entry_problem = status_entry_problem
+_number = status_number
 
 
 def stored_entry(item: Mapping[str, Any], region: str) -> tuple[Mapping[str, Any] | None, str | None]:

@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterable, Mapping
 from . import manifests as m
 from .component import TYPE as COMPONENT_TYPE
 from .component import TYPE_TOKENS
-from .endpoint import Endpoint, Validated, region_status_problem, stored_region_status, validate_all
+from .endpoint import (Endpoint, Validated, region_status_problem, status_entry_problem, stored_region_status,
+                       validate_all)
 from .program import PROJECT_ROOT, ProgramError, StackSettings, owned, previous_records_from_outputs, shard_settings
 from .store import EndpointStore, StoreError, TableCache, utcnow
 
@@ -488,12 +489,15 @@ def _desired_replicas(ep: Endpoint) -> int:
 
 
 def status_writable(item: Mapping[str, Any], region: str) -> bool:
-    """Whether region_status.<region> can be written conditionally: absent, or a map (even one with
-    odd values); a region_status or entry of another shape belongs to some other writer."""
+    """Whether region_status.<region> can be written: absent, or an entry both writers can read back
+    (endpoint.status_entry_problem); anything else is reported and left for a person to look at,
+    as the health job does, so neither writer carries a bad field along."""
     statuses = item.get("region_status")
     if statuses is None:
         return True
-    return isinstance(statuses, Mapping) and (statuses.get(region) is None or isinstance(statuses.get(region), Mapping))
+    if not isinstance(statuses, Mapping):
+        return False
+    return statuses.get(region) is None or status_entry_problem(statuses.get(region)) is None
 
 
 def targeted_regions(item: Mapping[str, Any] | None) -> set[str]:

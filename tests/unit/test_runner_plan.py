@@ -108,13 +108,13 @@ def test_status_written_only_when_it_changes():
 
 def test_health_fields_are_preserved_in_status_writes():
     a = item("a", replicas=3)
-    a["region_status"] = {"us-east-1": {"state": "running", "ingress": "withdrawn", "unready_since": "t0", "replicas_ready": 0}}
+    a["region_status"] = {"us-east-1": {"state": "running", "ingress": "withdrawn", "unready_since": "2026-11-27T10:00:00Z", "replicas_ready": 0}}
     out = outputs_for([item("a")])
     plan = _plan([a], out)
     assert plan.changed == ["a"]
     res = StackResult(stack=S.stack, region=S.region, action="targeted")
     up = status_updates(plan, res, validate_all([a]), {"a": a})["a"]
-    assert up["state"] == "updating" and up["ingress"] == "withdrawn" and up["unready_since"] == "t0"
+    assert up["state"] == "updating" and up["ingress"] == "withdrawn" and up["unready_since"] == "2026-11-27T10:00:00Z"
     assert up["replicas_desired"] == 3
 
 
@@ -259,9 +259,8 @@ def test_malformed_region_status_never_stops_status_writes_for_others():
     plan = _plan(weird, None)
     ups = status_updates(plan, StackResult(stack=S.stack, region=S.region, action="full"), validate_all(weird),
                          _by_name(weird))
-    # another writer's non-map values are left alone; a map with odd values is simply replaced
-    assert set(ups) == {"c", "ok"}
-    assert ups["c"]["state"] == "creating" and "error" not in ups["c"]
+    # entries neither writer can read back are left alone (and reported); the others go on
+    assert set(ups) == {"ok"}
 
 
 def test_a_gpu_metric_the_cluster_cannot_serve_is_said_in_the_region_status():
