@@ -286,7 +286,7 @@ def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float,
         liveness_port: int | None, metrics_port: int | None) -> None:
     """Apply the regional stacks from the table: nothing when nothing changed, targeted updates for a few
     changed endpoints, a full `up --refresh` periodically."""
-    from .runner import EXIT_CONFIG, EXIT_STORE, RunnerOptions, exit_code
+    from .plan import EXIT_CONFIG, EXIT_STORE, RunnerOptions, exit_code
 
     opts = RunnerOptions(full_every=full_every, allow_mass_delete=allow_mass_delete, parallel=parallel,
                          max_delete_fraction=max_delete_fraction, max_delete_min=max_delete_min,
@@ -373,7 +373,7 @@ def preview(stacks: tuple[str, ...], markdown: bool, as_json: bool, refresh: boo
 
     names = _stacks_for(stacks)
     try:
-        from .runner import RunnerOptions
+        from .plan import RunnerOptions
 
         runner = build_runner(names, RunnerOptions(), progress=lambda s: None)
     except ProgramError as exc:
@@ -490,7 +490,7 @@ def health(stack: str, once: bool, interval: float, threshold: float, lease_name
               default=PROJECT_ROOT / "examples" / "endpoints.yaml", show_default=True)
 def demo(path: Path) -> None:
     """Start the local environment, load example endpoints, apply both local regions once, show the result."""
-    from .runner import RunnerOptions, exit_code
+    from .plan import RunnerOptions, exit_code
 
     ctx = click.get_current_context()
     ctx.invoke(local_up)

@@ -19,7 +19,8 @@ from typing import Any, Callable, Mapping
 from . import manifests as m
 from .endpoint import Validated, endpoint_to_item, validate_all
 from .program import PROJECT_ROOT, StackSettings, owned, previous_records_from_outputs
-from .runner import PROJECT, _engine_message, endpoint_of_object
+from .plan import PROJECT, endpoint_of_object
+from .runner import _engine_message
 
 COMMENT_LIMIT = 65_536
 """GitHub's limit on an issue comment, in characters."""

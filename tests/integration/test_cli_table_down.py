@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from gco_infra import cli
 from gco_infra.localenv import LocalEnv, free_port
-from gco_infra.runner import EXIT_STORE
+from gco_infra.plan import EXIT_STORE
 
 
 @pytest.fixture

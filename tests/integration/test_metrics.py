@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gco_infra.localenv import free_port
 from gco_infra.metrics import OUTCOMES, RunnerMetrics
-from gco_infra.runner import EXIT_FAILED, EXIT_OK, StackResult
+from gco_infra.plan import EXIT_FAILED, EXIT_OK, StackResult
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:

@@ -16,9 +16,10 @@ from gco_infra.program import (
     MAX_SHARDS, ProgramError, StackSettings, declare, load_settings, main, owned, settings_from_stack_file,
     settings_from_values, shard_of, shard_of_stack, shard_settings,
 )
-from gco_infra.runner import (
-    RunnerOptions, StackState, bound_sharded_regions, misplaced_endpoints, stale_stacks, plan_stack, status_updates, StackResult,
+from gco_infra.plan import (
+    RunnerOptions, bound_sharded_regions, misplaced_endpoints, stale_stacks, plan_stack, status_updates, StackResult,
 )
+from gco_infra.runner import StackState
 
 REGION = "us-east-1"
 BASE = StackSettings(stack="us-east-1", region=REGION, shards=4)

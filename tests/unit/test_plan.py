@@ -1,11 +1,11 @@
-"""The runner's planning and status decisions: pure functions, no engine."""
+"""The runner's planning and status decisions (plan.py): pure functions, no engine."""
 
 from __future__ import annotations
 
 from gco_infra import manifests as m
 from gco_infra.endpoint import validate_all
 from gco_infra.program import StackSettings
-from gco_infra.runner import (
+from gco_infra.plan import (
     exact_glob,
     Plan, RunnerOptions, StackResult, endpoint_of_object, exit_code, plan_stack, status_updates, targets_for,
 )
@@ -280,7 +280,7 @@ def test_a_gpu_metric_the_cluster_cannot_serve_is_said_in_the_region_status():
 
 def test_outputs_follow_the_resources_a_checkpoint_holds():
     """After `pulumi state move` the outputs still list what left and miss what arrived."""
-    from gco_infra.runner import held_endpoints, reconcile_outputs
+    from gco_infra.plan import held_endpoints, reconcile_outputs
 
     comp = "gco:inference:Endpoint"
     deployment = {"resources": [
@@ -299,7 +299,7 @@ def test_outputs_follow_the_resources_a_checkpoint_holds():
 
 
 def test_switching_autoscaling_off_hands_replicas_back_in_the_same_tick():
-    from gco_infra.runner import hpa_handbacks
+    from gco_infra.plan import hpa_handbacks
 
     on = [item("a", replicas=2, autoscaling={"enabled": True, "min_replicas": 4}), item("b")]
     out = outputs_for(on)
@@ -312,7 +312,7 @@ def test_switching_autoscaling_off_hands_replicas_back_in_the_same_tick():
 
 
 def test_a_never_updated_stack_that_holds_moved_endpoints_counts_them():
-    from gco_infra.runner import reconcile_outputs
+    from gco_infra.plan import reconcile_outputs
 
     fixed = reconcile_outputs({}, {"moved"})
     assert set(fixed["endpoints"]) == {"moved"}
