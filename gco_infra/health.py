@@ -276,13 +276,15 @@ class Decision:
 
 
 def decide(stored: Mapping[str, Any] | None, obs: Observed, *, desired_state: str | None, now: float,
-           threshold: float) -> Decision:
+           threshold: float, keep_state: bool = False) -> Decision:
     """This region's next status for one endpoint, and the Ingresses to take off the shared ALB.
 
     ``stored`` has passed :func:`entry_problem`. ``desired_state`` is None for an invalid record:
     its last applied declaration keeps running and is watched as it is. Readiness is the primary's:
     a live canary cannot carry a dead primary. A runner's ``error`` state (and its message) stays
     until the runner clears it; the replica counts and the watchdog's fields are still kept current.
+    ``keep_state``: the record no longer asks to run here (its objects are being removed): only the
+    watchdog acts and the counts are kept current; the state stays the runner's.
     """
     old = dict(stored or {})
     state = old.get("state")
@@ -324,8 +326,8 @@ def decide(stored: Mapping[str, Any] | None, obs: Observed, *, desired_state: st
                 new["ingress"] = "active"
                 new["message"] = "ready again: Ingress re-admitted on the next runner tick"
                 event = "readmitted"
-    if state == "error":
-        new["state"] = "error"
+    if state == "error" or (keep_state and state is not None):
+        new["state"] = state
     if all(new.get(k) == old.get(k) for k in COMPARED):
         return Decision(None, delete)
     new["last_sync"] = _iso(now)
@@ -460,10 +462,19 @@ class HealthJob:
         return self.elector is None or self.elector.is_leader()
 
     def _watches(self, record: Record, obs: Observed) -> bool:
-        """Valid records that should run here; invalid ones wherever their last declaration may still run."""
+        """Records that should run here, and any record whose objects still run here: an invalid one's
+        last declaration, or a deleted or untargeted one whose removal has not happened yet (refused
+        by the deletion bound, failed, pending). A dead endpoint must leave the shared ALB either way."""
+        if obs.seen:
+            return True
         if record.endpoint is not None:
             return record.endpoint.targets(self.region) and record.endpoint.desired_state != "deleted"
-        return self.region in record.targets or obs.seen
+        return self.region in record.targets
+
+    def _leaving(self, record: Record) -> bool:
+        """A valid record that no longer asks to run here (its objects are still being removed)."""
+        ep = record.endpoint
+        return ep is not None and (ep.desired_state == "deleted" or not ep.targets(self.region))
 
     def _region(self, record: Record, obs: Observed, now: float, report: HealthReport) -> None:
         stored, problem = stored_entry(record.item, self.region)
@@ -471,7 +482,9 @@ class HealthJob:
             report.problems[record.name] = f'endpoint "{record.name}": {problem}'
             return
         desired = record.endpoint.desired_state if record.endpoint is not None else None
-        decision = decide(stored, obs, desired_state=desired, now=now, threshold=self.threshold)
+        leaving = self._leaving(record)
+        decision = decide(stored, obs, desired_state=None if leaving else desired, now=now,
+                          threshold=self.threshold, keep_state=leaving)
         if decision.status is not None:
             # The intent is recorded before acting on it: if the write loses a race, nothing is deleted
             # and the next tick decides again from what the table then says.

@@ -222,3 +222,30 @@ def test_not_purged_while_its_objects_exist_here_whatever_the_table_says():
 def test_not_purged_on_a_malformed_status():
     assert "region_status must be a map" in blocker(deleted(KNOWN, "garbage"))
     assert "region_status.local-2.state" in blocker(deleted(KNOWN, {"local-2": {"state": "gone"}}))
+
+
+# ---- a record leaving this region while its objects still run ------------------------------------------------------
+
+
+def test_a_leaving_endpoint_is_still_withdrawn_but_its_state_stays_the_runners():
+    """Deleted (or no longer targeted) while the objects still run, e.g. a removal refused by the
+    deletion bound: a dead one still leaves the shared ALB, and the runner's state is kept."""
+    stored = {"state": "error", "error": "refusing to remove 30 endpoints", "unready_since": _iso(NOW - 400),
+              "replicas_ready": 0, "replicas_desired": 1}
+    d = decide(stored, obs(ready=0), desired_state=None, now=NOW, threshold=300.0, keep_state=True)
+    assert d.event == "withdrawn" and d.delete == tuple(ING)
+    assert (d.status["state"], d.status["error"]) == ("error", "refusing to remove 30 endpoints")
+    d2 = decide({"state": "deleting"}, obs(ready=1), desired_state=None, now=NOW, threshold=300.0, keep_state=True)
+    assert d2.status["state"] == "deleting" and d2.status["replicas_ready"] == 1
+
+
+def test_the_job_watches_a_deleted_record_whose_objects_remain():
+    from gco_infra.health import HealthJob
+
+    job = HealthJob.__new__(HealthJob)
+    job.region = "us-east-1"
+    items = [{"endpoint_name": "x", "desired_state": "deleted", "target_regions": ["us-east-1"],
+              "spec": {"image": "org/server:1"}}]
+    (rec,), _ = read_records(items, validate_all(items))
+    assert job._watches(rec, obs()) and job._leaving(rec)
+    assert not job._watches(rec, Observed())
