@@ -7,8 +7,8 @@ from decimal import Decimal
 import pytest
 
 from gco_infra.endpoint import validate_all
-from gco_infra.health import (Observed, Record, Track, _iso, decide, entry_problem, purge_blocker, read_records,
-                              stored_entry, track_of)
+from gco_infra.watchdog import (Observed, Record, Track, _iso, decide, entry_problem, purge_blocker, read_records,
+                                stored_entry, track_of)
 
 NOW = 1_700_000_000.0
 ING = [("gco-inference", "inference-x"), ("gco-inference", "inference-x-canary")]
