@@ -350,39 +350,37 @@ class LocalEnv:
         if _alive(api.controller_manager_pid, "kube-controller-manager"):
             progress(f"kube-controller-manager {region} already running")
         else:
-            api.controller_manager_port = free_port()
             progress(f"starting kube-controller-manager {region} ({len(CONTROLLERS)} controllers)")
-            kubeconfig = self._component_kubeconfig(region, "kube-controller-manager")
-            api.controller_manager_pid = _spawn([
-                str(binaries["kube-controller-manager"]),
-                "--kubeconfig", str(kubeconfig),
-                "--authentication-kubeconfig", str(kubeconfig), "--authorization-kubeconfig", str(kubeconfig),
-                "--bind-address", "127.0.0.1", "--secure-port", str(api.controller_manager_port),
-                "--cert-dir", str(self.path / f"certs-{region}-controller-manager"),
-                "--service-account-private-key-file", str(self.path / "sa.key"),
-                "--root-ca-file", str(self.ca_file(region)),
-                "--use-service-account-credentials",
-                "--controllers", ",".join(CONTROLLERS),
-                "--horizontal-pod-autoscaler-sync-period", f"{HPA_SYNC_SECONDS}s",
-                "--leader-elect=false",
-                "--v", "0",
-            ], self.path / f"controller-manager-{region}.log")
+            api.controller_manager_port, api.controller_manager_pid = self._start_component(
+                api, binaries, "kube-controller-manager", "controller-manager", [
+                    "--service-account-private-key-file", str(self.path / "sa.key"),
+                    "--root-ca-file", str(self.ca_file(region)),
+                    "--use-service-account-credentials",
+                    "--controllers", ",".join(CONTROLLERS),
+                    "--horizontal-pod-autoscaler-sync-period", f"{HPA_SYNC_SECONDS}s",
+                ])
         if _alive(api.scheduler_pid, "kube-scheduler"):
             progress(f"kube-scheduler {region} already running")
         else:
-            api.scheduler_port = free_port()
             progress(f"starting kube-scheduler {region}")
-            kubeconfig = self._component_kubeconfig(region, "kube-scheduler")
-            api.scheduler_pid = _spawn([
-                str(binaries["kube-scheduler"]),
-                "--kubeconfig", str(kubeconfig),
-                "--authentication-kubeconfig", str(kubeconfig), "--authorization-kubeconfig", str(kubeconfig),
-                "--bind-address", "127.0.0.1", "--secure-port", str(api.scheduler_port),
-                "--cert-dir", str(self.path / f"certs-{region}-scheduler"),
-                "--leader-elect=false",
-                "--v", "0",
-            ], self.path / f"scheduler-{region}.log")
+            api.scheduler_port, api.scheduler_pid = self._start_component(api, binaries, "kube-scheduler", "scheduler", [])
         self.save()
+
+    def _start_component(self, api: ApiServer, binaries: dict[str, Path], component: str, short: str,
+                         extra: list[str]) -> tuple[int, int]:
+        """(port, pid) of a control-plane component serving /healthz on loopback as its own user."""
+        port, kubeconfig = free_port(), self._component_kubeconfig(api.region, component)
+        pid = _spawn([
+            str(binaries[component]),
+            "--kubeconfig", str(kubeconfig),
+            "--authentication-kubeconfig", str(kubeconfig), "--authorization-kubeconfig", str(kubeconfig),
+            "--bind-address", "127.0.0.1", "--secure-port", str(port),
+            "--cert-dir", str(self.path / f"certs-{api.region}-{short}"),
+            *extra,
+            "--leader-elect=false",
+            "--v", "0",
+        ], self.path / f"{short}-{api.region}.log")
+        return port, pid
 
     def _wait_for_controllers(self, api: ApiServer) -> None:
         region = api.region
