@@ -72,16 +72,23 @@ def lock_holder(lock: Path) -> tuple[str, str]:
     return ("alive" if pid > 0 and _is_live_pulumi(pid) else "dead"), who
 
 
-def _recover_file_backend(stack: str, env: Mapping[str, str], log: Callable[[str], None]) -> None:
+def _recover_file_backend(stack: str, env: Mapping[str, str],
+                          log: Callable[[str], None]) -> tuple[bool, list[tuple[Path, str, str]]]:
     """Remove the lock of an update whose process died on this host (file backends only).
 
     Its pending operations stay in the checkpoint; the next full reconcile clears them and refreshes.
+    Returns whether a lock was removed, and the locks that remain as (lock, holder state, who).
     """
+    removed, remaining = False, []
     for lock in _file_locks(env, stack):
         state, who = lock_holder(lock)
         if state == "dead":
             log(f"{stack}: removing the lock of a dead update ({who})")
             lock.unlink(missing_ok=True)
+            removed = True
+        else:
+            remaining.append((lock, state, who))
+    return removed, remaining
 
 
 def _clear_pending(stack_obj: Any, stack: str, log: Callable[[str], None]) -> bool:
@@ -350,15 +357,11 @@ class Runner:
         """Why the stack is locked by another live update (file backends; skip before reading a
         checkpoint that is being rewritten), or None. A lock whose process died on this host is
         removed at once, so a killed runner costs no tick."""
-        stack = state.settings.stack
-        for lock in _file_locks(self.env, stack):
-            holder, who = lock_holder(lock)
-            if holder == "dead":
-                self.progress(f"{stack}: removing the lock of a dead update ({who})")
-                lock.unlink(missing_ok=True)
-                state.last_full = 0.0  # its pending operations are cleared by a full reconcile
-                state.outputs_loaded = False
-                continue
+        removed, remaining = _recover_file_backend(state.settings.stack, self.env, self.progress)
+        if removed:
+            state.last_full = 0.0  # its pending operations are cleared by a full reconcile
+            state.outputs_loaded = False
+        for lock, holder, who in remaining:
             if holder == "unknown":
                 return (f"stack is locked by an update of {who} (another host; its lock is never removed from "
                         f"here: if that update is dead, delete {lock})")
