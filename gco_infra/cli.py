@@ -18,7 +18,7 @@ from rich.table import Table
 
 from . import localenv
 from .endpoint import DESIRED_STATES, endpoint_to_item, parse_endpoint
-from .program import PROJECT_ROOT, ProgramError, settings_from_stack_file
+from .program import PROJECT_ROOT, ProgramError, in_cluster, settings_from_stack_file
 from .store import EndpointStore, StoreConfig, StoreError
 
 console = Console(stderr=True)
@@ -36,8 +36,21 @@ def _configure_logging(json_logs: bool | None) -> None:
 log = structlog.get_logger("gco-infra")
 
 
+def _print_versions(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from .versions import render, versions
+
+    found = versions()
+    click.echo(render(found), nl=False)
+    ctx.exit(0 if all(v.version for v in found) else 1)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--json-logs/--no-json-logs", default=None, help="Structured JSON logs (default: when stderr is not a terminal).")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_versions,
+              help="Print gco-infra's, Python's, the Pulumi CLI's and the Kubernetes provider's versions and the "
+                   "pinned packages', one per line, then exit (1 when a binary is missing).")
 def main(json_logs: bool | None) -> None:
     """GPU inference endpoints across regions, declared from a DynamoDB table and applied with Pulumi.
 
@@ -53,18 +66,21 @@ def main(json_logs: bool | None) -> None:
 
 @main.group()
 def local() -> None:
-    """The local environment: etcd, two kube-apiservers (regions local-1, local-2), DynamoDB (moto), file backend.
+    """The local environment: etcd, two kube-apiservers (regions local-1, local-2), DynamoDB, S3 state and KMS (moto).
 
     Everything listens on 127.0.0.1; state lives in .state/local (or $GCO_STATE_DIR).
     """
 
 
 @local.command("up")
-def local_up() -> None:
+@click.option("--backend", type=click.Choice(localenv.STATE_BACKENDS), default=None,
+              help="Where stacks live: s3 (moto's S3, as in production; the default) or file. Secrets use "
+                   "moto's KMS either way. Switching needs `local down` first.")
+def local_up(backend: str | None = None) -> None:
     """Start (or keep) the local environment; running twice is harmless."""
     env = localenv.LocalEnv.load()
     try:
-        env.up(progress=lambda s: console.print(f"[cyan]local[/] {s}"))
+        env.up(progress=lambda s: console.print(f"[cyan]local[/] {s}"), backend=backend)
     except localenv.LocalEnvError as exc:
         raise click.ClickException(str(exc)) from exc
     _print_status(env)
@@ -90,14 +106,19 @@ def local_status() -> None:
 def local_env() -> None:
     """Print `export` lines to use `pulumi` and the stacks against the local environment.
 
+    The state is in moto's S3 and its secrets are encrypted by moto's KMS, as in production. Run
+    `pulumi` in $GCO_PULUMI_PROJECT (the project, with stack files the engine may write to), not in
+    the repository: the engine writes each stack's KMS data key into the stack file it reads.
+
     \b
-      eval "$(gco-infra local env)"; pulumi preview -s local
+      eval "$(gco-infra local env)"; pulumi -C "$GCO_PULUMI_PROJECT" preview -s local
     """
     env = localenv.LocalEnv.load()
     import shlex
 
     values = env.pulumi_env()
     values["GCO_KUBECONFIG"] = str(env.kubeconfig("local-1"))
+    values["GCO_PULUMI_PROJECT"] = str(env.pulumi_project)
     for k, v in values.items():
         out.print(f"export {k}={shlex.quote(v)}", highlight=False)
 
@@ -242,7 +263,9 @@ def build_runner(stacks: list[str], opts: Any, progress):
     from .runner import Runner, with_local_overrides
 
     settings = [settings_from_stack_file(s) for s in stacks]
-    is_local = all(s.kubeconfig and not s.cluster_name for s in settings)
+    # In a pod (GCO_IN_CLUSTER=true) even a kubeconfig-path stack uses the pod's ServiceAccount and the
+    # table and state backend of its environment variables, never a local environment's.
+    is_local = all(s.kubeconfig and not s.cluster_name for s in settings) and not in_cluster()
     if is_local:
         env_obj = localenv.LocalEnv.load()
         if not env_obj.moto_port:  # never started here; once started, a table that is down fails the tick (exit 3)

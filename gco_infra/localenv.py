@@ -1,12 +1,15 @@
-"""The local environment: a control plane per region, a moto DynamoDB server and a file backend.
+"""The local environment: a control plane per region, and moto's server for DynamoDB, the S3 state
+backend and the KMS key that encrypts the state's secrets (or a file backend: ``--state file``).
 
 Everything listens on 127.0.0.1. One etcd serves every region; each region ("local-1", "local-2")
 has its own etcd prefix, kube-apiserver, kube-controller-manager and kube-scheduler, so
 multi-region behaviour is real and the cluster behaves like an EKS control plane: the
 deployment, replica-set, HPA, garbage-collector, endpoint and namespace controllers run, the
 ServiceAccount admission plugin is on. There is no node, so pods stay Pending, exactly like a GPU
-endpoint waiting for capacity. State (ports, pids, kubeconfigs, tokens) lives in a state dir;
-``up`` is idempotent and ``down`` leaves no process behind.
+endpoint waiting for capacity. As in production, stacks live in an S3 bucket and their secrets are
+encrypted with a KMS key (alias ``alias/gco-infra-state``, as the stack files declare), both
+served by the same moto server as the table. State (ports, pids, kubeconfigs, tokens) lives in a
+state dir; ``up`` is idempotent and ``down`` leaves no process behind.
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ CONTROLLERS = (
 """What EKS runs that matters to endpoints (no cloud, node or volume controllers: there is no node)."""
 HPA_SYNC_SECONDS = 5
 """The HPA controller's period (15 s on EKS): shorter here so tests see it act sooner."""
+STATE_BACKENDS = ("s3", "file")
+STATE_BUCKET = "gco-infra-state"
+KMS_ALIAS = "alias/gco-infra-state"
+"""The alias production's stack files name in their secretsprovider; local stacks declare it too."""
+LOCAL_AWS_REGION = "us-east-1"
 
 
 class LocalEnvError(RuntimeError):
@@ -184,6 +192,8 @@ class LocalEnv:
     admin_token: str = ""
     apiservers: dict[str, ApiServer] = field(default_factory=dict)
     table: str = DEFAULT_TABLE
+    backend: str = field(default_factory=lambda: os.environ.get("GCO_LOCAL_BACKEND") or "s3")
+    """Where stacks live: "s3" (moto's S3, as in production) or "file"; secrets use moto's KMS either way."""
 
     # ---- persistence ---------------------------------------------------------------------------------
     @classmethod
@@ -215,8 +225,63 @@ class LocalEnv:
         return self.path / f"kubeconfig-{region}"
 
     @property
+    def aws_endpoint(self) -> str:
+        """moto's server: DynamoDB, S3 and KMS on one port."""
+        return f"http://127.0.0.1:{self.moto_port}"
+
+    @property
     def backend_url(self) -> str:
+        if self.backend == "s3":
+            return (f"s3://{STATE_BUCKET}?endpoint=127.0.0.1:{self.moto_port}&disableSSL=true&s3ForcePathStyle=true"
+                    f"&region={LOCAL_AWS_REGION}")
         return f"file://{self.path / 'backend'}"
+
+    @property
+    def secrets_provider(self) -> str:
+        return f"awskms://{KMS_ALIAS}?region={LOCAL_AWS_REGION}"
+
+    def _aws(self, service: str):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(service, endpoint_url=self.aws_endpoint, region_name=LOCAL_AWS_REGION,
+                            aws_access_key_id="local", aws_secret_access_key="local",
+                            config=Config(connect_timeout=2, read_timeout=10, retries={"max_attempts": 2}))
+
+    def _ensure_state_backend(self, *, empty: bool, progress: Callable[[str], None]) -> None:
+        """The state bucket and the KMS key with its alias, in moto (idempotent); an emptied bucket
+        (or file backend) when the clusters are new, as their stacks would describe the old ones."""
+        kms = self._aws("kms")
+        aliases = {a["AliasName"] for a in kms.list_aliases()["Aliases"]}
+        if KMS_ALIAS not in aliases:
+            progress(f"creating the state's KMS key {KMS_ALIAS} (moto)")
+            key = kms.create_key(Description="gco-infra local state secrets")["KeyMetadata"]["KeyId"]
+            kms.create_alias(AliasName=KMS_ALIAS, TargetKeyId=key)
+        if self.backend != "s3":
+            if empty:
+                shutil.rmtree(self.path / "backend", ignore_errors=True)
+            (self.path / "backend").mkdir(exist_ok=True)
+            return
+        s3 = self._aws("s3")
+        if STATE_BUCKET not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
+            progress(f"creating the state bucket s3://{STATE_BUCKET} (moto)")
+            s3.create_bucket(Bucket=STATE_BUCKET)
+        elif empty:
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=STATE_BUCKET):
+                keys = [{"Key": o["Key"]} for o in page.get("Contents") or []]
+                if keys:
+                    s3.delete_objects(Bucket=STATE_BUCKET, Delete={"Objects": keys})
+
+    def _state_backend_ok(self) -> bool:
+        try:
+            kms = self._aws("kms")
+            if KMS_ALIAS not in {a["AliasName"] for a in kms.list_aliases()["Aliases"]}:
+                return False
+            if self.backend == "s3":
+                self._aws("s3").head_bucket(Bucket=STATE_BUCKET)
+            return self.backend == "s3" or (self.path / "backend").is_dir()
+        except Exception:  # noqa: BLE001 - anything but a clean answer is "down"
+            return False
 
     def store(self) -> EndpointStore:
         import boto3
@@ -225,18 +290,41 @@ class LocalEnv:
         return EndpointStore(StoreConfig(table=self.table, region="us-east-1", endpoint_url=self.dynamodb_endpoint),
                              session=session)
 
+    @property
+    def pulumi_project(self) -> Path:
+        """A copy of the project for a person's `pulumi -C` (see write_pulumi_project)."""
+        return self.path / "project"
+
+    def write_pulumi_project(self) -> None:
+        """The project as the runner gives it to the engine (state.write_project: stack config without
+        secrets settings), plus the program, for a person's `pulumi` commands: the engine writes a
+        stack's encryptedkey (new with every local KMS key) here, never into the tracked stacks/."""
+        from .state import write_project
+
+        write_project(self.pulumi_project)
+        for name in ("__main__.py", ".venv", "gco_infra"):
+            link = self.pulumi_project / name
+            if not link.is_symlink() and (PROJECT_ROOT / name).exists():
+                link.symlink_to(PROJECT_ROOT / name)
+
     def pulumi_env(self) -> dict[str, str]:
         """Environment for the Pulumi CLI and Automation API against this environment."""
         return {
             "PATH": f"{tools_bin()}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "PULUMI_BACKEND_URL": self.backend_url,
+            # An existing stack keeps its state's secrets provider (state.py); new stacks get the
+            # one their stack file declares, else this one. The passphrase only opens stacks made
+            # before the state moved to KMS.
+            "PULUMI_FALLBACK_TO_STATE_SECRETS_MANAGER": "true",
+            "GCO_SECRETS_PROVIDER": self.secrets_provider,
             "PULUMI_CONFIG_PASSPHRASE": os.environ.get("PULUMI_CONFIG_PASSPHRASE", ""),
             "PULUMI_SKIP_UPDATE_CHECK": "true",
             "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "true",
             "PULUMI_HOME": str(self.path / "pulumi-home"),
             "GCO_DYNAMODB_ENDPOINT": self.dynamodb_endpoint,
             "GCO_TABLE": self.table,
-            "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_REGION": LOCAL_AWS_REGION,
+            "AWS_ENDPOINT_URL_S3": self.aws_endpoint, "AWS_ENDPOINT_URL_KMS": self.aws_endpoint,
         }
 
     # ---- status ----------------------------------------------------------------------------------------
@@ -245,6 +333,7 @@ class LocalEnv:
             "etcd": _alive(self.etcd_pid, "etcd") and _http_ok(f"http://127.0.0.1:{self.etcd_port}/health"),
             "dynamodb": _alive(self.moto_pid, "moto_server") and _http_ok(f"{self.dynamodb_endpoint}/moto-api/"),
         }
+        result[f"state ({self.backend} + kms)"] = result["dynamodb"] and self._state_backend_ok()
         for region, api in self.apiservers.items():
             result[f"apiserver {region}"] = _alive(api.pid, "kube-apiserver") and self.ca_file(region).exists() and _http_ok(
                 f"{api.url}/readyz", self.admin_token, ssl.create_default_context(cafile=str(self.ca_file(region))))
@@ -254,18 +343,32 @@ class LocalEnv:
         return result
 
     # ---- up / down ---------------------------------------------------------------------------------------
-    def up(self, regions: Iterable[str] = REGIONS, progress: Callable[[str], None] = lambda s: None) -> None:
+    def up(self, regions: Iterable[str] = REGIONS, progress: Callable[[str], None] = lambda s: None,
+           backend: str | None = None) -> None:
+        """Start what is not running. ``backend`` ("s3" or "file") changes where stacks live only while
+        the environment is down (the running clusters' stacks are where they are)."""
+        if backend and backend != self.backend:
+            if backend not in STATE_BACKENDS:
+                raise LocalEnvError(f"backend must be one of {', '.join(STATE_BACKENDS)}, got {backend!r}")
+            if _alive(self.etcd_pid, "etcd"):
+                raise LocalEnvError(f"the local environment runs with --backend {self.backend}; "
+                                    f"`gco-infra local down` first to switch to --backend {backend}")
+            self.backend = backend
         binaries = {b: tools_bin() / b for b in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")}
         missing = [b for b, p in binaries.items() if not p.exists()]
         if missing:
             raise LocalEnvError(f"{', '.join(missing)} not built; run scripts/tools build (or scripts/setup)")
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "backend").mkdir(exist_ok=True)
         (self.path / "pulumi-home").mkdir(exist_ok=True)
         if not self.admin_token:
             self.admin_token = secrets.token_hex(24)
         self._credentials()
 
+        fresh = False
+        if self.backend == "s3" and not _alive(self.moto_pid, "moto_server") and _alive(self.etcd_pid, "etcd"):
+            # moto restarts empty: with the stacks gone, the clusters must start empty too
+            progress("moto is not running (the S3 state is gone with it): restarting the control plane empty")
+            stop_pid(self.etcd_pid, "etcd")
         if _alive(self.etcd_pid, "etcd"):
             progress(f"etcd already running on 127.0.0.1:{self.etcd_port}")
         else:
@@ -285,9 +388,8 @@ class LocalEnv:
             _wait(lambda: _http_ok(f"http://127.0.0.1:{self.etcd_port}/health"), "etcd", 60, self.etcd_pid, self.path / "etcd.log")
             for api in self.apiservers.values():  # a new etcd means a new control plane
                 self._stop_region(api)
-            self.apiservers = {}  # and an empty cluster:
-            shutil.rmtree(self.path / "backend", ignore_errors=True)  # stack state would describe the old one
-            (self.path / "backend").mkdir()
+            self.apiservers = {}  # and an empty cluster: stack state would describe the old one
+            fresh = True
         self.save()
 
         if _alive(self.moto_pid, "moto_server"):
@@ -298,6 +400,10 @@ class LocalEnv:
             self.moto_pid = start_moto(self.moto_port, self.path / "moto.log")
         self.save()
         self.store().create_table()
+        self._ensure_state_backend(empty=fresh, progress=progress)
+        if fresh:
+            shutil.rmtree(self.pulumi_project, ignore_errors=True)  # its keys belonged to the old state
+        self.write_pulumi_project()
 
         for region in regions:
             api = self.apiservers.get(region)
@@ -449,7 +555,8 @@ class LocalEnv:
     def _ensure_platform_objects(self, region: str) -> None:
         """What the platform's clusters have before any endpoint: the inference namespaces with the
         inference ServiceAccount, and gco-system with the runner's and health job's identities and
-        least-privilege rights (deploy/gco-system.yaml, without its Deployments)."""
+        least-privilege rights (system.identities: the platform stack's own definitions, without the
+        Deployments, which need an image)."""
         api = self.kube(region)
         for ns in NAMESPACES:
             apply_object(api, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
@@ -479,29 +586,23 @@ _PLURALS = {"Namespace": "namespaces", "ServiceAccount": "serviceaccounts", "Rol
 
 
 def apply_object(api, obj: dict) -> None:
-    """Server-side apply of one object (kinds in _PLURALS) as field manager gco-local."""
+    """Server-side apply of one object (kinds in _PLURALS or system.PLURALS) as field manager gco-local."""
+    from . import system
+
     group, _, version = obj["apiVersion"].rpartition("/")
     base = f"/apis/{group}/{version}" if group else f"/api/{version}"
     meta = obj["metadata"]
     ns = f"/namespaces/{meta['namespace']}" if meta.get("namespace") else ""
-    api.call_api(f"{base}{ns}/{_PLURALS[obj['kind']]}/{meta['name']}", "PATCH",
+    plural = system.PLURALS.get(obj["kind"]) or _PLURALS[obj["kind"]]
+    api.call_api(f"{base}{ns}/{plural}/{meta['name']}", "PATCH",
                  query_params=[("fieldManager", "gco-local"), ("force", "true")],
                  header_params={"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"},
                  body=obj, auth_settings=["BearerToken"], _return_http_data_only=True, _preload_content=False)
 
 
-def platform_rbac(namespaces: Iterable[str], path: Path = PROJECT_ROOT / "deploy" / "gco-system.yaml") -> list[dict]:
-    """deploy/gco-system.yaml without its Deployments (they need the image), with the per-namespace
-    Roles and RoleBindings copied into every inference namespace, as its header says to do."""
-    import yaml
+def platform_rbac(namespaces: Iterable[str]) -> list[dict]:
+    """gco-system, the runner's and health job's ServiceAccounts and every Role and RoleBinding, from
+    the definitions the platform stack applies to EKS (system.py), for these inference namespaces."""
+    from . import system
 
-    docs = [d for d in yaml.safe_load_all(path.read_text()) if d and d.get("kind") in _PLURALS]
-    out: list[dict] = []
-    for doc in docs:
-        ns = doc["metadata"].get("namespace")
-        if doc["kind"] in ("Role", "RoleBinding") and ns == NAMESPACES[0]:
-            for target in namespaces:
-                out.append({**doc, "metadata": {**doc["metadata"], "namespace": target}})
-        else:
-            out.append(doc)
-    return out
+    return system.identities(namespaces)

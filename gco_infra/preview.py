@@ -18,7 +18,8 @@ from typing import Any, Callable, Mapping
 
 from . import manifests as m
 from .endpoint import Validated, endpoint_to_item, validate_all
-from .program import PROJECT_ROOT, StackSettings, owned, previous_records_from_outputs
+from . import state
+from .program import StackSettings, owned, previous_records_from_outputs
 from .plan import PROJECT, endpoint_of_object
 from .runner import _engine_message
 
@@ -97,7 +98,7 @@ def preview_stack(settings: StackSettings, items: list[dict[str, Any]], env: Map
     events: list[Any] = []
     os.environ.update(env)
     try:
-        ws = auto.LocalWorkspace(work_dir=str(PROJECT_ROOT), env_vars=dict(env))
+        ws = state.workspace(env)  # the engine's private project copy (state.py), never the repository's
         outputs: dict[str, Any] = {}
         if settings.stack in {s.name for s in ws.list_stacks()}:
             outputs = {k: v.value for k, v in ws.stack_outputs(settings.stack).items()}
@@ -105,7 +106,7 @@ def preview_stack(settings: StackSettings, items: list[dict[str, Any]], env: Map
         stack = auto.create_or_select_stack(
             stack_name=settings.stack, project_name=PROJECT,
             program=lambda: program.main(items=items, previous=lambda: previous, settings=settings),
-            opts=auto.LocalWorkspaceOptions(work_dir=str(PROJECT_ROOT), env_vars=dict(env)))
+            opts=state.workspace_options(settings.stack, env))
         stack.preview(diff=True, refresh=refresh, on_event=events.append, suppress_progress=True, color="never")
     except auto.CommandError as exc:
         result.error = _engine_message(str(exc))

@@ -8,6 +8,7 @@ reported; it is never dropped, because dropping it would delete what is running.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -210,18 +211,60 @@ def settings_from_stack_file(stack: str, root: Path = PROJECT_ROOT) -> StackSett
     return settings_from_values(values, stack)
 
 
+def _kubeconfig(name: str, server: str, ca_data: str, user: dict[str, Any]) -> str:
+    return json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": name,
+        "clusters": [{"name": name, "cluster": {"server": server, "certificate-authority-data": ca_data}}],
+        "contexts": [{"name": name, "context": {"cluster": name, "user": name}}],
+        "users": [{"name": name, "user": user}],
+    })
+
+
 def eks_kubeconfig(cluster_name: str, aws_region: str, endpoint: str, ca_data: str) -> str:
     """A kubeconfig whose token comes from ``aws eks get-token`` (argv, no shell, no secret in state)."""
-    return json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": cluster_name,
-        "clusters": [{"name": cluster_name, "cluster": {"server": endpoint, "certificate-authority-data": ca_data}}],
-        "contexts": [{"name": cluster_name, "context": {"cluster": cluster_name, "user": cluster_name}}],
-        "users": [{"name": cluster_name, "user": {"exec": {
-            "apiVersion": "client.authentication.k8s.io/v1beta1", "command": "aws",
-            "args": ["eks", "get-token", "--cluster-name", cluster_name, "--region", aws_region, "--output", "json"],
-            "interactiveMode": "Never",
-        }}}],
-    })
+    return _kubeconfig(cluster_name, endpoint, ca_data, {"exec": {
+        "apiVersion": "client.authentication.k8s.io/v1beta1", "command": "aws",
+        "args": ["eks", "get-token", "--cluster-name", cluster_name, "--region", aws_region, "--output", "json"],
+        "interactiveMode": "Never",
+    }})
+
+
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+"""Where Kubernetes mounts a pod's ServiceAccount token and the cluster's CA."""
+
+
+def in_cluster(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process runs in a pod and acts as its ServiceAccount (GCO_IN_CLUSTER=true, set by
+    the runner's Deployment, system.py)."""
+    return environ.get("GCO_IN_CLUSTER", "").strip().lower() == "true"
+
+
+def service_account_kubeconfig(name: str, server: str, ca_data: str, token_file: str | None = None) -> str:
+    """A kubeconfig for the pod's ServiceAccount: the client reads the (rotated, projected) token
+    from ``token_file`` itself, so the state holds a path, never a token. With the same cluster
+    (server, CA) as the stack's usual kubeconfig, pulumi-kubernetes sees the same active cluster
+    and updates its provider in place instead of replacing it (and with it every object)."""
+    return _kubeconfig(name, server, ca_data, {"tokenFile": token_file or f"{SERVICE_ACCOUNT_DIR}/token"})
+
+
+def in_cluster_server(environ: Mapping[str, str] = os.environ) -> str:
+    """The API server as the pod sees it (what client-go's in-cluster config uses)."""
+    host, port = environ.get("KUBERNETES_SERVICE_HOST", ""), environ.get("KUBERNETES_SERVICE_PORT", "")
+    if not host or not port:
+        raise ProgramError("GCO_IN_CLUSTER=true but KUBERNETES_SERVICE_HOST / KUBERNETES_SERVICE_PORT are not set "
+                           "(is this process running in a pod?)")
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+
+def in_cluster_ca_data(sa_dir: str | None = None) -> str:
+    """The mounted cluster CA, base64 as in a kubeconfig; fails clearly when no token is mounted."""
+    sa = Path(sa_dir or SERVICE_ACCOUNT_DIR)
+    ca, token = sa / "ca.crt", sa / "token"
+    missing = [str(f) for f in (token, ca) if not f.is_file()]
+    if missing:
+        raise ProgramError(f"GCO_IN_CLUSTER=true but {', '.join(missing)} is not mounted "
+                           "(the pod needs automountServiceAccountToken or a projected token)")
+    return base64.b64encode(ca.read_bytes()).decode()
 
 
 def make_provider(settings: StackSettings) -> k8s.Provider:
@@ -230,9 +273,16 @@ def make_provider(settings: StackSettings) -> k8s.Provider:
 
         cluster = aws.eks.get_cluster(name=settings.cluster_name,
                                       opts=pulumi.InvokeOptions(provider=aws.Provider("aws", region=settings.aws_region)))
-        kubeconfig = eks_kubeconfig(settings.cluster_name, settings.aws_region or settings.region,
-                                    cluster.endpoint, cluster.certificate_authorities[0].data)
+        if in_cluster():  # the runner's pod: its ServiceAccount, same cluster (no aws CLI in the image)
+            kubeconfig = service_account_kubeconfig(settings.cluster_name, cluster.endpoint,
+                                                    cluster.certificate_authorities[0].data)
+        else:
+            kubeconfig = eks_kubeconfig(settings.cluster_name, settings.aws_region or settings.region,
+                                        cluster.endpoint, cluster.certificate_authorities[0].data)
         return k8s.Provider("k8s", kubeconfig=kubeconfig)
+    if in_cluster():  # a kubeconfig-path stack run in a pod: the pod's own cluster and ServiceAccount
+        return k8s.Provider("k8s", kubeconfig=service_account_kubeconfig(
+            settings.region, in_cluster_server(), in_cluster_ca_data()))
     if not settings.kubeconfig:
         raise ProgramError(f"stack {settings.stack}: set gco:clusterName (EKS) or gco:kubeconfig (path)")
     if not os.path.exists(settings.kubeconfig):

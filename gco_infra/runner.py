@@ -8,7 +8,6 @@ written back only where it changed, with conditional writes.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -16,11 +15,11 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from . import state as state_backend
 from .endpoint import Validated, region_status_problem, stored_region_status, validate_all
-from .program import PROJECT_ROOT, ProgramError, StackSettings, owned, previous_records_from_outputs, shard_settings
+from .program import ProgramError, StackSettings, owned, previous_records_from_outputs, shard_settings
 from .store import EndpointStore, StoreError, TableCache
 from .plan import (EXIT_CONFIG, EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_REFUSED, EXIT_STORE, GENERAL, PROJECT, Plan,
                    RunnerOptions, StackResult, bound_sharded_regions, desired_for_region, endpoint_of_urn, exit_code,
@@ -34,61 +33,9 @@ _STACKS: dict[tuple[str, str, str], Any] = {}
 # ---- the Pulumi operation (runs in a worker process) ----------------------------------------------
 
 
-def _file_locks(env: Mapping[str, str], stack: str) -> list[Path]:
-    url = env.get("PULUMI_BACKEND_URL", "")
-    if not url.startswith("file://"):
-        return []
-    return list((Path(url[len("file://"):]) / ".pulumi" / "locks").glob(f"**/{PROJECT}/{stack}/*.json"))
-
-
-def _is_live_pulumi(pid: int) -> bool:
-    """Whether pid is a running (not zombie) process of this host's Pulumi CLI."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):  # exited, not yet reaped
-        return False
-    return any(Path(arg.decode(errors="replace")).name == "pulumi" for arg in cmdline[:1])
-
-
-def lock_holder(lock: Path) -> tuple[str, str]:
-    """("alive" | "dead" | "unknown", description) of the process holding a file-backend lock.
-
-    Dead is decided only on this host, and only when the pid is gone, a zombie, or not the Pulumi
-    CLI (the pid was reused). No clock is involved, so a stepped wall clock cannot make a live
-    update look dead. A lock taken on another host cannot be checked from here: never dead.
-    """
-    try:
-        info = json.loads(lock.read_text())
-    except (OSError, ValueError):
-        return "unknown", f"unreadable lock {lock.name}"
-    pid = int(info.get("pid") or 0) if str(info.get("pid") or "0").isdigit() else 0
-    host = str(info.get("hostname") or "?")
-    who = f"pid {pid} on {host}"
-    if host != os.uname().nodename:
-        return "unknown", who
-    return ("alive" if pid > 0 and _is_live_pulumi(pid) else "dead"), who
-
-
-def _recover_file_backend(stack: str, env: Mapping[str, str],
-                          log: Callable[[str], None]) -> tuple[bool, list[tuple[Path, str, str]]]:
-    """Remove the lock of an update whose process died on this host (file backends only).
-
-    Its pending operations stay in the checkpoint; the next full reconcile clears them and refreshes.
-    Returns whether a lock was removed, and the locks that remain as (lock, holder state, who).
-    """
-    removed, remaining = False, []
-    for lock in _file_locks(env, stack):
-        state, who = lock_holder(lock)
-        if state == "dead":
-            log(f"{stack}: removing the lock of a dead update ({who})")
-            lock.unlink(missing_ok=True)
-            removed = True
-        else:
-            remaining.append((lock, state, who))
-    return removed, remaining
+# Lock recovery and checkpoint tokens work on file:// and s3:// backends (state.py); the old names stay.
+lock_holder = state_backend.lock_holder
+_recover_file_backend = state_backend.recover_dead_locks
 
 
 def _clear_pending(stack_obj: Any, stack: str, log: Callable[[str], None]) -> bool:
@@ -153,13 +100,20 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
 
     try:
         os.environ.update(env)
-        _recover_file_backend(plan.stack, env, log)
+        state_backend.recover_dead_locks(plan.stack, env, log)
         key = (plan.stack, env.get("PULUMI_BACKEND_URL", ""), env.get("PULUMI_HOME", ""))
         stack = _STACKS.get(key)
         if stack is None:
-            stack = _STACKS[key] = auto.create_or_select_stack(
-                stack_name=plan.stack, project_name=PROJECT, program=pulumi_program,
-                opts=auto.LocalWorkspaceOptions(work_dir=str(PROJECT_ROOT), env_vars=dict(env)))
+            # A private copy of the project (never the repository's stacks/), and the declared
+            # secrets provider for a stack that does not exist yet (state.py).
+            ws_opts = state_backend.workspace_options(plan.stack, env)
+            try:
+                stack = auto.create_or_select_stack(stack_name=plan.stack, project_name=PROJECT,
+                                                    program=pulumi_program, opts=ws_opts)
+            except auto.StackAlreadyExistsError:  # another runner created it between our select and our init
+                stack = auto.select_stack(stack_name=plan.stack, project_name=PROJECT, program=pulumi_program,
+                                          opts=ws_opts)
+            _STACKS[key] = stack
         # Pending operations only exist after an interrupted update; full reconciles (the first
         # tick of a runner, and the tick after any failure) clear them.
         if full and _clear_pending(stack, plan.stack, log):
@@ -194,6 +148,11 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
     except auto.ConcurrentUpdateError:
         result.action, result.message = "skipped", "stack is locked by another update; skipped this tick"
     except auto.CommandError as exc:
+        if _LOCK_RACE.search(str(exc)):
+            # The engine lists the stack's locks, then reads each: another process's lock that went
+            # away in between fails the command (pulumi v3.274.1); it is contention, not a failure.
+            result.action, result.message = "skipped", "stack is locked by another update; skipped this tick"
+            return _finish(result, messages, started)
         result.operations += 1
         result.action = "failed"
         text = str(exc)
@@ -210,12 +169,17 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
     if result.action == "failed" and GENERAL in result.endpoint_errors and diags.get(GENERAL):
         result.message = "; ".join(dict.fromkeys(diags[GENERAL]))[:1000]
     result.failed = len(result.endpoint_errors)
+    return _finish(result, messages, started)
+
+
+def _finish(result: StackResult, messages: list[str], started: float) -> StackResult:
     if messages:
         result.message = "; ".join(messages + ([result.message] if result.message else []))
     result.seconds = time.monotonic() - started
     return result
 
 
+_LOCK_RACE = re.compile(r'key "[^"]*\.pulumi/locks/[^"]*"\) \(code=NotFound\)')
 _GENERIC_DIAG = re.compile(r"^(error: )?(\d+ errors? occurred|update failed|preview failed|an error occurred)\b.{0,20}$",
                           re.I | re.S)
 _GENERIC_ERROR = re.compile(r"error: (\d+ errors? occurred|update failed|preview failed)\s*:?\s*$")
@@ -305,6 +269,9 @@ class Runner:
                     outputs = {k: v.value for k, v in ws.stack_outputs(state.settings.stack).items()}
                     deployment = ws.export_stack(state.settings.stack).deployment or {}
                     state.outputs = reconcile_outputs(outputs, held_endpoints(deployment))
+                    mismatch = state_backend.secrets_mismatch(state.settings.stack, deployment, self.env)
+                    if mismatch:
+                        self.progress(mismatch)
                 state.outputs_loaded = True
                 return
             except auto.CommandError as exc:
@@ -313,30 +280,18 @@ class Runner:
         raise ProgramError(f"reading outputs of stack {state.settings.stack} failed: {_engine_message(str(last))}")
 
     def _checkpoint_token(self, stack: str) -> Any:
-        """Changes whenever anyone writes the stack's checkpoint (file backends: a stat, no read)."""
-        url = self.env.get("PULUMI_BACKEND_URL", "")
-        if not url.startswith("file://"):
-            return None
-        base = Path(url[len("file://"):]) / ".pulumi" / "stacks" / PROJECT
-        token = []
-        for f in sorted(base.glob(f"{stack}.json*")):
-            if f.name in (f"{stack}.json", f"{stack}.json.gz"):
-                st = f.stat()
-                token.append((f.name, st.st_mtime_ns, st.st_size))
-        return tuple(token)
+        """Changes whenever anyone writes the stack's checkpoint (file: a stat; s3: one LIST; no read)."""
+        return state_backend.checkpoint_token(stack, self.env)
 
     def _changed_elsewhere(self, state: StackState) -> bool:
         """Whether someone else (a person's `pulumi up`, another runner, `pulumi state move`) wrote
-        the stack since the runner last read or wrote it. Checked every tick on file backends."""
+        the stack since the runner last read or wrote it. Checked every tick on file and s3 backends."""
         if not state.outputs_loaded or state.checkpoint is None:
             return False
         return self._checkpoint_token(state.settings.stack) != state.checkpoint
 
     def _workspace(self) -> Any:
-        from pulumi import automation as auto
-
-        os.environ.update(self.env)
-        return auto.LocalWorkspace(work_dir=str(PROJECT_ROOT), env_vars=self.env)
+        return state_backend.workspace(self.env)
 
     def _find_guards(self) -> None:
         from pulumi import automation as auto
@@ -354,10 +309,10 @@ class Runner:
         self._guards_found = True
 
     def _locked_by_other(self, state: StackState) -> str | None:
-        """Why the stack is locked by another live update (file backends; skip before reading a
-        checkpoint that is being rewritten), or None. A lock whose process died on this host is
-        removed at once, so a killed runner costs no tick."""
-        removed, remaining = _recover_file_backend(state.settings.stack, self.env, self.progress)
+        """Why the stack is locked by another live update (file and s3 backends; skip before reading a
+        checkpoint that is being rewritten), or None. A lock whose process died on this host (or in
+        a runner pod that is gone) is removed at once, so a killed runner costs no tick."""
+        removed, remaining = state_backend.recover_dead_locks(state.settings.stack, self.env, self.progress)
         if removed:
             state.last_full = 0.0  # its pending operations are cleared by a full reconcile
             state.outputs_loaded = False

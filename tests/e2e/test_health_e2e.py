@@ -11,15 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from kubernetes import client, config, utils
+from kubernetes import client, config
 
 from gco_infra.health import HealthJob, LeaseElector
 from gco_infra.store import EndpointStore, StoreConfig
 
 from .test_endpoints_e2e import put, status
 
-ROOT = Path(__file__).resolve().parents[2]
 NS = ("gco-inference",)
 LONG_AGO = "2000-01-01T00:00:00Z"
 AGES = 3e8
@@ -92,15 +90,13 @@ def job(env, **kw):
 
 @pytest.fixture(scope="module")
 def system(env):
-    """deploy/gco-system.yaml applied to local-1: namespace, service accounts, least-privilege Roles."""
+    """gco-system on local-1 as the platform stack declares it (system.identities): namespace,
+    service accounts, least-privilege Roles (`local up` applied them already; applying is idempotent)."""
+    from gco_infra import localenv, system
+
     api = env.kube("local-1")
-    docs = [d for d in yaml.safe_load_all((ROOT / "deploy" / "gco-system.yaml").read_text()) if d]
-    for doc in docs:
-        try:
-            utils.create_from_dict(api, doc)
-        except utils.FailToCreateError as exc:
-            if not all(e.status == 409 for e in exc.api_exceptions):
-                raise
+    for obj in system.identities(localenv.NAMESPACES):
+        localenv.apply_object(api, obj)
     return api
 
 

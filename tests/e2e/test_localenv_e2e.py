@@ -69,7 +69,7 @@ def test_the_control_plane_runs_controllers_like_eks(env):
 
 
 def test_the_health_job_identity_has_exactly_what_it_needs(env):
-    """local up creates gco-system and the health job's RBAC from deploy/gco-system.yaml: with the
+    """local up creates gco-system and the health job's RBAC from the platform's definitions (system.py): with the
     gco-health ServiceAccount's own token, the Lease works and writing Deployments does not."""
     from kubernetes import client
 

@@ -140,7 +140,9 @@ def _cli(env, *args, **kw):
 
 
 def _lock_files(env, stack):
-    return list((env.path / "backend" / ".pulumi" / "locks").glob(f"**/gco-infra/{stack}/*.json"))
+    from gco_infra.state import backend_for
+
+    return backend_for(env.pulumi_env()).locks(stack)  # file or s3, as the environment runs
 
 
 def test_two_runners_at_once_one_skips(env, tick, runner, kube1):
