@@ -61,6 +61,7 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
 
     result = StackResult(stack=plan.stack, region=plan.region, action="full" if plan.full else "targeted")
     started = time.monotonic()
+    state_backend.clear_engine_tmp()  # the previous operation's provider kubeconfig copies
     messages: list[str] = []
     diags: dict[str, list[str]] = {}
 

@@ -54,7 +54,28 @@ def engine_env(env: Mapping[str, str]) -> dict[str, str]:
     """The environment for the engine: an existing stack keeps the secrets provider of its state, and
     a refresh uses the Kubernetes provider the program declares now (its credentials: the pod's
     ServiceAccount in a cluster, a kubeconfig on a host), not the one recorded by whoever applied last."""
-    return {**env, FALLBACK: "true", RUN_PROGRAM: "true"}
+    return {**env, FALLBACK: "true", RUN_PROGRAM: "true", "TMPDIR": engine_tmp()}
+
+
+def engine_tmp() -> str:
+    """The engine's TMPDIR, inside this process's project copy: the Kubernetes provider writes a
+    kubeconfig file there for every start and never removes it (cleared by ``clear_engine_tmp``)."""
+    path = Path(project_dir()) / "tmp"
+    path.mkdir(exist_ok=True)
+    return str(path)
+
+
+def clear_engine_tmp() -> int:
+    """Remove what earlier operations of this process left in the engine's TMPDIR (call between
+    operations: a process runs one at a time). Returns how many entries were removed."""
+    removed = 0
+    for entry in Path(engine_tmp()).iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def write_project(dest: Path, root: Path = PROJECT_ROOT) -> Path:

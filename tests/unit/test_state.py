@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import yaml
 
 from gco_infra import state
@@ -31,7 +33,7 @@ def test_the_engines_copy_has_the_config_and_no_secrets_settings(tmp_path):
 def test_the_engine_runs_in_a_private_copy_and_keeps_the_states_provider():
     assert state.project_dir() == state.project_dir() != str(PROJECT_ROOT)
     assert state.engine_env({"A": "1"}) == {"A": "1", "PULUMI_FALLBACK_TO_STATE_SECRETS_MANAGER": "true",
-                                            "PULUMI_RUN_PROGRAM": "true"}
+                                            "PULUMI_RUN_PROGRAM": "true", "TMPDIR": state.engine_tmp()}
 
 
 def test_a_new_stack_gets_the_provider_its_file_declares(tmp_path):
@@ -85,3 +87,14 @@ def test_a_lock_that_vanished_while_the_engine_read_it_is_contention():
             'https response error StatusCode: 404, NoSuchKey: The specified key does not exist.')
     assert _LOCK_RACE.search(seen)
     assert not _LOCK_RACE.search('error: blob (key ".pulumi/stacks/gco-infra/local.json") (code=NotFound)')
+
+
+def test_the_engines_temporary_files_do_not_pile_up():
+    """The provider leaves a kubeconfig copy in TMPDIR per start; in a pod that is an emptyDir."""
+    tmp = Path(state.engine_tmp())
+    assert tmp.parent == Path(state.project_dir()) and tmp.is_dir()
+    (tmp / "kubeconfig123").write_text("{}")
+    (tmp / "plugin-dir").mkdir()
+    (tmp / "plugin-dir" / "f").write_text("x")
+    assert state.clear_engine_tmp() == 2
+    assert list(tmp.iterdir()) == [] and (Path(state.project_dir()) / "stacks").is_dir()
