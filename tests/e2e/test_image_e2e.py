@@ -181,6 +181,21 @@ def test_runner_and_health_tick_in_cluster(image, env, kube1, tmp_path, monkeypa
             [{"tokenFile": f"{SA_DIR}/token"}]
         assert (runner_sa / "token").read_text() not in state and env.admin_token not in state
 
+        # The preview from the same image: a new record is a table change, the applied one is no change.
+        put(env, f"{NAME}-next")
+        pv = image.run("--json-logs", "preview", "--json", "--stack", "local", env=values,
+                       mounts=(f"{runner_sa}:{SA_DIR}:ro", *mounts))
+        assert pv.returncode == 0, pv.stdout + pv.stderr
+        [report] = json.loads(pv.stdout)
+        assert report["error"] is None, report
+        assert ("create", f"Deployment/{NAME}-next", "table") in {
+            (c["op"], c["resource"], c["cause"]) for c in report["changes"]}, report["changes"]
+        assert not [c for c in report["changes"] if c["endpoint"] == NAME], report["changes"]
+        assert kube1.deployment(f"{NAME}-next") is None  # a preview changes nothing
+        put(env, f"{NAME}-next", state="deleted")  # and out of the table again: it was never applied
+        store = env.store()
+        assert store.purge(f"{NAME}-next", expected_updated_at=store.get(f"{NAME}-next").get("updated_at"))
+
         # The health job in its own pod: the gco-health ServiceAccount, leader election included.
         leases = client.CoordinationV1Api(env.kube("local-1"))
         _delete_lease(leases)  # another test's replica may still hold it
