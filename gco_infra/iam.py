@@ -23,10 +23,12 @@ resource is named:
 - KMS (one key): the stacks' secrets provider decrypts each stack's data key (``Decrypt``) and
   encrypts a new stack's (``Encrypt``: the runner creates shard stacks); the bucket's SSE-KMS needs
   ``GenerateDataKey`` for writes (through S3 only) and ``Decrypt`` for reads.
-- EKS: ``DescribeCluster`` (``aws.eks.get_cluster`` in the stacks' program: the cluster's endpoint
-  and CA). Rights inside a cluster come from RBAC (system.py), not IAM: the runner and the health
-  job act as their ServiceAccounts; the preview's ``aws eks get-token`` (no permission needed) is
-  mapped by its access entry to a read-only group.
+- EKS: the preview's ``DescribeCluster`` (``aws.eks.get_cluster`` in the stacks' program, run outside
+  the clusters: the endpoint and CA). The runner in its pod reaches its own cluster through the
+  in-cluster address (program.make_provider) and needs no EKS permission. Rights inside a cluster
+  come from RBAC (system.py), not IAM: the runner and the health job act as their ServiceAccounts;
+  the preview's ``aws eks get-token`` (no permission needed) is mapped by its access entry to a
+  read-only group.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ LOCKS = f".pulumi/locks/organization/{PROJECT}/*"
 HISTORY = f".pulumi/history/{PROJECT}/*"
 BACKUPS = f".pulumi/backups/{PROJECT}/*"
 
+_STACK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _REPOSITORY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,38}/[A-Za-z0-9._-]{1,100}$")
 _ENVIRONMENT = re.compile(r"^[^*?:\s][^*?:]{0,254}$")
 
@@ -118,17 +121,36 @@ def _state_reads(n: AwsNames, *, updates: bool) -> list[dict[str, Any]]:
             _statement("ReadState", ["s3:GetObject"], n.objects(META, STACKS, *([LOCKS, HISTORY] if updates else [])))]
 
 
-def runner_policy(n: AwsNames) -> dict[str, Any]:
+def stack_paths(stacks: Iterable[str], *, locks_only: bool = False) -> list[str]:
+    """The state objects of these endpoints stacks and their shards (``<stack>.shard-<k>``): the
+    checkpoint (``.json``, ``.json.bak``, compressed forms), locks, history and backups."""
+    out: list[str] = []
+    for stack in stacks:
+        if not _STACK.match(stack or ""):
+            raise PolicyError(f"stack name {stack!r} cannot name state objects (letters, digits, '.', '_', '-')")
+        out += [f".pulumi/locks/organization/{PROJECT}/{stack}/*", f".pulumi/locks/organization/{PROJECT}/{stack}.shard-*"]
+        if not locks_only:
+            out += [f".pulumi/stacks/{PROJECT}/{stack}.json*", f".pulumi/stacks/{PROJECT}/{stack}.shard-*",
+                    f".pulumi/history/{PROJECT}/{stack}/*", f".pulumi/history/{PROJECT}/{stack}.shard-*",
+                    f".pulumi/backups/{PROJECT}/{stack}/*", f".pulumi/backups/{PROJECT}/{stack}.shard-*"]
+    return out
+
+
+def runner_policy(n: AwsNames, stacks: Iterable[str]) -> dict[str, Any]:
+    """The runner of one region: it reads the whole table and the project's state (listing stacks
+    reads their checkpoints), but writes only its own region's stacks (``stacks``, with their shards)."""
+    stacks = list(stacks)
+    if not stacks:
+        raise PolicyError("a runner's policy needs the stacks it applies")
     return _document(
         _statement("ReadEndpoints", ["dynamodb:DescribeTable", "dynamodb:Scan", "dynamodb:BatchGetItem"], n.table_arns),
         _statement("FollowTableStream", ["dynamodb:DescribeStream", "dynamodb:GetShardIterator", "dynamodb:GetRecords"],
                    n.stream_arns),
         _statement("WriteRegionStatusOnly", ["dynamodb:UpdateItem"], n.table_arns,
                    _only_attributes("endpoint_name", "region_status")),
-        _statement("FindRegionalClusters", ["eks:DescribeCluster"], n.cluster_arns),
         *_state_reads(n, updates=True),
-        _statement("WriteState", ["s3:PutObject"], n.objects(STACKS, LOCKS, HISTORY, BACKUPS)),
-        _statement("ReleaseStackLocks", ["s3:DeleteObject"], n.objects(LOCKS)),
+        _statement("WriteState", ["s3:PutObject"], n.objects(*stack_paths(stacks))),
+        _statement("ReleaseStackLocks", ["s3:DeleteObject"], n.objects(*stack_paths(stacks, locks_only=True))),
         _statement("StackSecrets", ["kms:Decrypt", "kms:Encrypt"], [n.key_arn]),
         _statement("StateObjectEncryption", ["kms:GenerateDataKey"], [n.key_arn],
                    {"StringEquals": {"kms:ViaService": f"s3.{n.state_region}.amazonaws.com"}}),

@@ -27,6 +27,10 @@ from .store import DEFAULT_TABLE
 
 PROJECT = "gco-platform"
 TYPE = "gco:platform:ClusterSystem"
+STATE_NONCURRENT_DAYS = 30
+"""How long an overwritten or deleted state object (a checkpoint's earlier version) is kept."""
+STATE_HISTORY_DAYS = 14
+"""How long the backend's update history and checkpoint backups are kept."""
 KEY_ALIAS = "alias/gco-infra-state"
 """The alias the endpoints stacks' secrets provider names (``awskms://alias/gco-infra-state``)."""
 GITHUB_OIDC_URL = f"https://{iam.GITHUB_OIDC_HOST}"
@@ -257,7 +261,19 @@ def declare(settings: PlatformSettings) -> Declared:
     aws.s3.BucketOwnershipControls("state", bucket=bucket.id, rule={"object_ownership": "BucketOwnerEnforced"})
     block = aws.s3.BucketPublicAccessBlock("state", bucket=bucket.id, block_public_acls=True, block_public_policy=True,
                                            ignore_public_acls=True, restrict_public_buckets=True)
-    aws.s3.BucketVersioning("state", bucket=bucket.id, versioning_configuration={"status": "Enabled"})
+    versioning = aws.s3.BucketVersioning("state", bucket=bucket.id, versioning_configuration={"status": "Enabled"})
+    # Every update writes a checkpoint (a new version of the same key), a backup and history objects:
+    # without expiry the bucket grows for ever, and each `up` lists all of a stack's history. Current
+    # checkpoints never expire; old versions can still restore a stack for STATE_NONCURRENT_DAYS.
+    aws.s3.BucketLifecycleConfiguration("state", bucket=bucket.id, rules=[
+        {"id": "old-versions", "status": "Enabled", "filter": {"prefix": ""},
+         "noncurrent_version_expiration": {"noncurrent_days": STATE_NONCURRENT_DAYS},
+         "abort_incomplete_multipart_upload": {"days_after_initiation": 1}},
+        {"id": "history", "status": "Enabled", "filter": {"prefix": ".pulumi/history/"},
+         "expiration": {"days": STATE_HISTORY_DAYS}},
+        {"id": "backups", "status": "Enabled", "filter": {"prefix": ".pulumi/backups/"},
+         "expiration": {"days": STATE_HISTORY_DAYS}},
+    ], opts=pulumi.ResourceOptions(depends_on=[versioning]))
     encryption = aws.s3.BucketServerSideEncryptionConfiguration("state", bucket=bucket.id, rules=[{
         "apply_server_side_encryption_by_default": {"sse_algorithm": "aws:kms", "kms_master_key_id": key.arn},
         "bucket_key_enabled": True}])
@@ -300,12 +316,27 @@ def declare(settings: PlatformSettings) -> Declared:
     # -- roles: the runner and the health job through EKS Pod Identity, the preview through GitHub OIDC
     cluster_arns = pulumi.Output.all(partition, account).apply(
         lambda a: [iam.cluster_arn(a[0], region, a[1], name) for region, name in clusters])
-    for job, policy in ((system.RUNNER, iam.runner_policy), (system.HEALTH, iam.health_policy)):
-        trust = cluster_arns.apply(lambda arns, sa=job: _json(iam.pod_identity_trust(arns, sa, system.SYSTEM_NAMESPACE)))
-        role = aws.iam.Role(job, name=job, assume_role_policy=trust, tags=tags,
-                            description=f"gco-infra {job} (EKS Pod Identity: {system.SYSTEM_NAMESPACE}/{job})")
-        aws.iam.RolePolicy(job, name=job, role=role.id, policy=aws_names.apply(lambda n, p=policy: _json(p(n))))
-        out.roles[job] = role
+    trust = cluster_arns.apply(lambda arns: _json(iam.pod_identity_trust(arns, system.HEALTH, system.SYSTEM_NAMESPACE)))
+    health = aws.iam.Role(system.HEALTH, name=system.HEALTH, assume_role_policy=trust, tags=tags,
+                          description=f"gco-infra {system.HEALTH} (EKS Pod Identity: {system.SYSTEM_NAMESPACE}/{system.HEALTH})")
+    aws.iam.RolePolicy(system.HEALTH, name=system.HEALTH, role=health.id,
+                       policy=aws_names.apply(lambda n: _json(iam.health_policy(n))))
+    out.roles[system.HEALTH] = health
+    # One runner role per region: it may write only its own region's stacks (a runner taken over in
+    # one region cannot rewrite another region's checkpoint or break its locks), from its own cluster.
+    runner_roles: dict[str, Any] = {}
+    for region in settings.regions:
+        name = f"{system.RUNNER}-{region.region}"
+        arn = pulumi.Output.all(partition, account).apply(
+            lambda a, rr=region.region, c=region.cluster_name: [iam.cluster_arn(a[0], rr, a[1], c)])
+        role = aws.iam.Role(name, name=name, tags=tags,
+                            assume_role_policy=arn.apply(lambda arns: _json(iam.pod_identity_trust(
+                                arns, system.RUNNER, system.SYSTEM_NAMESPACE))),
+                            description=f"gco-infra {system.RUNNER} of {region.region} (EKS Pod Identity: "
+                                        f"{system.SYSTEM_NAMESPACE}/{system.RUNNER}, stack {region.stack})")
+        aws.iam.RolePolicy(name, name=name, role=role.id,
+                           policy=aws_names.apply(lambda n, st=region.stack: _json(iam.runner_policy(n, [st]))))
+        runner_roles[region.region] = out.roles[name] = role
 
     if settings.github_oidc_provider_arn:
         provider_arn: Any = settings.github_oidc_provider_arn
@@ -324,10 +355,10 @@ def declare(settings: PlatformSettings) -> Declared:
     # -- per region: cluster access, then the cluster's gco-system objects
     for region in settings.regions:
         r = region.region
-        for job in (system.RUNNER, system.HEALTH):
+        for job, role in ((system.RUNNER, runner_roles[r]), (system.HEALTH, health)):
             aws.eks.PodIdentityAssociation(f"{r}-{job}", region=r, cluster_name=region.cluster_name,
                                            namespace=system.SYSTEM_NAMESPACE, service_account=job,
-                                           role_arn=out.roles[job].arn, tags=tags)
+                                           role_arn=role.arn, tags=tags)
         # A Kubernetes group only, no access policy: RBAC (system.rbac) says what the group may read.
         aws.eks.AccessEntry(f"{r}-{system.PREVIEW}", region=r, cluster_name=region.cluster_name,
                             principal_arn=preview.arn, kubernetes_groups=[system.PREVIEW_GROUP], type="STANDARD",

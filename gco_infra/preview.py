@@ -105,7 +105,8 @@ def preview_stack(settings: StackSettings, items: list[dict[str, Any]], env: Map
         previous = previous_records_from_outputs(outputs)
         stack = auto.create_or_select_stack(
             stack_name=settings.stack, project_name=PROJECT,
-            program=lambda: program.main(items=items, previous=lambda: previous, settings=settings),
+            program=lambda: program.main(items=items, previous=lambda: previous, settings=settings,
+                                         previous_endpoints=outputs.get("endpoints") or {}),
             opts=state.workspace_options(settings.stack, env))
         stack.preview(diff=True, refresh=refresh, on_event=events.append, suppress_progress=True, color="never")
     except auto.CommandError as exc:

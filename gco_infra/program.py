@@ -269,17 +269,19 @@ def in_cluster_ca_data(sa_dir: str | None = None) -> str:
 
 def make_provider(settings: StackSettings) -> k8s.Provider:
     if settings.cluster_name:
-        import pulumi_aws as aws  # imported only for EKS stacks: it is large
+        # clusterIdentifier names the cluster for pulumi-kubernetes: the provider is replaced (and with
+        # it every object) only when it changes, so the pod's kubeconfig (in-cluster address) and a
+        # person's (the EKS endpoint) update the same provider in place.
+        if in_cluster():  # the runner's pod: its ServiceAccount; needs neither the AWS plugin nor the aws CLI
+            return k8s.Provider("k8s", kubeconfig=service_account_kubeconfig(
+                settings.cluster_name, in_cluster_server(), in_cluster_ca_data()), cluster_identifier=settings.cluster_name)
+        import pulumi_aws as aws  # imported only for EKS stacks run outside their cluster: it is large
 
         cluster = aws.eks.get_cluster(name=settings.cluster_name,
                                       opts=pulumi.InvokeOptions(provider=aws.Provider("aws", region=settings.aws_region)))
-        if in_cluster():  # the runner's pod: its ServiceAccount, same cluster (no aws CLI in the image)
-            kubeconfig = service_account_kubeconfig(settings.cluster_name, cluster.endpoint,
-                                                    cluster.certificate_authorities[0].data)
-        else:
-            kubeconfig = eks_kubeconfig(settings.cluster_name, settings.aws_region or settings.region,
-                                        cluster.endpoint, cluster.certificate_authorities[0].data)
-        return k8s.Provider("k8s", kubeconfig=kubeconfig)
+        kubeconfig = eks_kubeconfig(settings.cluster_name, settings.aws_region or settings.region,
+                                    cluster.endpoint, cluster.certificate_authorities[0].data)
+        return k8s.Provider("k8s", kubeconfig=kubeconfig, cluster_identifier=settings.cluster_name)
     if in_cluster():  # a kubeconfig-path stack run in a pod: the pod's own cluster and ServiceAccount
         return k8s.Provider("k8s", kubeconfig=service_account_kubeconfig(
             settings.region, in_cluster_server(), in_cluster_ca_data()))

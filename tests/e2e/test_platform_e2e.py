@@ -283,7 +283,7 @@ def test_state_policies_let_the_engine_run_and_nothing_more(tmp_path, monkeypatc
                              state_bucket="gco-state", state_region="us-east-1", key_arn="arn:aws:kms:us-east-1:1:key/k",
                              clusters=(("us-east-1", "c"),))
         keys = {}
-        for who, doc in (("runner", iam.runner_policy(names)), ("preview", iam.preview_policy(names))):
+        for who, doc in (("runner", iam.runner_policy(names, ["state-iam"])), ("preview", iam.preview_policy(names))):
             s3_only = [st for st in doc["Statement"] if all(a.startswith("s3:") for a in st["Action"])]
             assert s3_only
             client_iam = boto3.client("iam", **admin)
@@ -334,6 +334,14 @@ def test_state_policies_let_the_engine_run_and_nothing_more(tmp_path, monkeypatc
         assert denied(as_runner.put_object, Bucket="gco-state", Key=".pulumi/meta.yaml", Body=b"version: 0\n")
         assert denied(as_runner.delete_object, Bucket="gco-state", Key=".pulumi/stacks/gco-infra/state-iam.json")
         assert denied(engine, "runner", project="gco-platform", name="prod")  # the platform's state is not its own
+        # its own region's shards are its own; another region's stacks and locks are not
+        shard_lock = ".pulumi/locks/organization/gco-infra/state-iam.shard-1/x.json"
+        as_runner.put_object(Bucket="gco-state", Key=shard_lock, Body=b"{}")
+        as_runner.delete_object(Bucket="gco-state", Key=shard_lock)
+        assert denied(as_runner.put_object, Bucket="gco-state", Key=".pulumi/stacks/gco-infra/eu-west-1.json", Body=b"{}")
+        assert denied(as_runner.delete_object, Bucket="gco-state",
+                      Key=".pulumi/locks/organization/gco-infra/eu-west-1/x.json")
+        assert denied(engine, "runner", name="eu-west-1")
 
         # -- the preview: lists, reads outputs and previews with a refresh, takes no lock; cannot update
         preview = engine("preview")

@@ -105,18 +105,20 @@ def test_missing_service_account_files_are_named(tmp_path):
 class Mocks(pulumi.runtime.Mocks):
     def __init__(self) -> None:
         self.resources: list[pulumi.runtime.MockResourceArgs] = []
+        self.calls: list[pulumi.runtime.MockCallArgs] = []
 
     def new_resource(self, args):
         self.resources.append(args)
         return [f"{args.name}-id", args.inputs]
 
     def call(self, args):
+        self.calls.append(args)
         assert args.token == "aws:eks/getCluster:getCluster"
         return {"name": args.args["name"], "endpoint": ENDPOINT, "certificateAuthorities": [{"data": CA}]}
 
 
-def provider_inputs(settings: StackSettings) -> dict:
-    mocks = Mocks()
+def provider_inputs(settings: StackSettings, mocks: "Mocks | None" = None) -> dict:
+    mocks = mocks or Mocks()
     pulumi.runtime.set_mocks(mocks, project="gco-infra", stack=settings.stack, preview=False)
 
     @pulumi.runtime.test
@@ -127,18 +129,43 @@ def provider_inputs(settings: StackSettings) -> dict:
     return {r.name: r.inputs for r in mocks.resources if r.typ == "pulumi:providers:kubernetes"}["k8s"]
 
 
-def test_eks_provider_in_a_pod_uses_the_service_account(monkeypatch):
+def _pod(monkeypatch, tmp_path):
+    import gco_infra.program as program
+
+    sa = tmp_path / "sa"
+    sa.mkdir()
+    (sa / "ca.crt").write_text("the-ca")
+    (sa / "token").write_text("a-token")
+    monkeypatch.setattr(program, "SERVICE_ACCOUNT_DIR", str(sa))
     monkeypatch.setenv("GCO_IN_CLUSTER", "true")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.100.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    return sa
+
+
+def test_eks_provider_in_a_pod_uses_the_service_account_and_no_aws_call(monkeypatch, tmp_path):
+    """The image has neither the AWS provider plugin nor the aws CLI: in its pod the runner needs neither."""
+    sa = _pod(monkeypatch, tmp_path)
     settings = StackSettings(stack="us-east-1", region="us-east-1", cluster_name="gco-us-east-1", aws_region="us-east-1")
-    kubeconfig = provider_inputs(settings)["kubeconfig"]
-    assert user(kubeconfig) == {"tokenFile": f"{SERVICE_ACCOUNT_DIR}/token"}
-    assert active_cluster(kubeconfig) == active_cluster(eks_kubeconfig("gco-us-east-1", "us-east-1", ENDPOINT, CA))
+    mocks = Mocks()
+    inputs = provider_inputs(settings, mocks)
+    assert mocks.calls == []
+    assert user(inputs["kubeconfig"]) == {"tokenFile": f"{sa}/token"}
+    assert active_cluster(inputs["kubeconfig"]) == {
+        "server": "https://10.100.0.1:443", "certificate-authority-data": base64.b64encode(b"the-ca").decode()}
+    # the same cluster for pulumi-kubernetes as the kubeconfig a person's `pulumi up` uses: an update, never a replacement
+    assert inputs["clusterIdentifier"] == "gco-us-east-1"
+    assert "a-token" not in json.dumps(inputs)
 
 
 def test_eks_provider_outside_a_pod_keeps_aws_exec(monkeypatch):
     monkeypatch.delenv("GCO_IN_CLUSTER", raising=False)
     settings = StackSettings(stack="us-east-1", region="us-east-1", cluster_name="gco-us-east-1", aws_region="us-east-1")
-    assert provider_inputs(settings)["kubeconfig"] == eks_kubeconfig("gco-us-east-1", "us-east-1", ENDPOINT, CA)
+    mocks = Mocks()
+    inputs = provider_inputs(settings, mocks)
+    assert [c.token for c in mocks.calls] == ["aws:eks/getCluster:getCluster"]
+    assert inputs["kubeconfig"] == eks_kubeconfig("gco-us-east-1", "us-east-1", ENDPOINT, CA)
+    assert inputs["clusterIdentifier"] == "gco-us-east-1"
 
 
 def test_kubeconfig_path_stack_in_a_pod_uses_the_pods_cluster(monkeypatch, tmp_path):

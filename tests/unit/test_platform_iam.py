@@ -27,23 +27,46 @@ def allow(sid, actions, resources, condition=None):
     return st
 
 
+def runner_policy(names):
+    return iam.runner_policy(names, ["us-east-1"])
+
+
+def own_stack(*kinds):
+    paths = {"locks": [f"{BUCKET}/.pulumi/locks/organization/gco-infra/us-east-1/*",
+                       f"{BUCKET}/.pulumi/locks/organization/gco-infra/us-east-1.shard-*"],
+             "stacks": [f"{BUCKET}/.pulumi/stacks/gco-infra/us-east-1.json*",
+                        f"{BUCKET}/.pulumi/stacks/gco-infra/us-east-1.shard-*"],
+             "history": [f"{BUCKET}/.pulumi/history/gco-infra/us-east-1/*",
+                         f"{BUCKET}/.pulumi/history/gco-infra/us-east-1.shard-*"],
+             "backups": [f"{BUCKET}/.pulumi/backups/gco-infra/us-east-1/*",
+                         f"{BUCKET}/.pulumi/backups/gco-infra/us-east-1.shard-*"]}
+    return [p for k in kinds for p in paths[k]]
+
+
+def test_a_runner_writes_only_its_own_regions_stacks():
+    assert [NAMES.bucket_arn + "/" + path for path in iam.stack_paths(["us-east-1"])] == \
+        own_stack("locks", "stacks", "history", "backups")
+    assert not [p for p in iam.stack_paths(["us-east-1"]) if "us-west-2" in p or "/gco-platform/" in p]
+    for bad in ("", "*", "us-*", "a/b", "../x"):
+        with pytest.raises(iam.PolicyError):
+            iam.runner_policy(NAMES, [bad])
+    with pytest.raises(iam.PolicyError):
+        iam.runner_policy(NAMES, [])
+
+
 def test_runner_policy_exactly():
-    assert iam.runner_policy(NAMES) == {"Version": "2012-10-17", "Statement": [
+    assert runner_policy(NAMES) == {"Version": "2012-10-17", "Statement": [
         allow("ReadEndpoints", ["dynamodb:BatchGetItem", "dynamodb:DescribeTable", "dynamodb:Scan"], TABLES),
         allow("FollowTableStream", ["dynamodb:DescribeStream", "dynamodb:GetRecords", "dynamodb:GetShardIterator"],
               list(STREAMS)),
         allow("WriteRegionStatusOnly", ["dynamodb:UpdateItem"], TABLES,
               {"ForAllValues:StringEquals": {"dynamodb:Attributes": ["endpoint_name", "region_status"]}}),
-        allow("FindRegionalClusters", ["eks:DescribeCluster"], CLUSTERS),
         allow("ListState", ["s3:ListBucket"], [BUCKET]),
         allow("ReadState", ["s3:GetObject"], [f"{BUCKET}/.pulumi/meta.yaml", f"{BUCKET}/.pulumi/stacks/gco-infra/*",
                                               f"{BUCKET}/.pulumi/locks/organization/gco-infra/*",
                                               f"{BUCKET}/.pulumi/history/gco-infra/*"]),
-        allow("WriteState", ["s3:PutObject"], [f"{BUCKET}/.pulumi/stacks/gco-infra/*",
-                                               f"{BUCKET}/.pulumi/locks/organization/gco-infra/*",
-                                               f"{BUCKET}/.pulumi/history/gco-infra/*",
-                                               f"{BUCKET}/.pulumi/backups/gco-infra/*"]),
-        allow("ReleaseStackLocks", ["s3:DeleteObject"], [f"{BUCKET}/.pulumi/locks/organization/gco-infra/*"]),
+        allow("WriteState", ["s3:PutObject"], own_stack("locks", "stacks", "history", "backups")),
+        allow("ReleaseStackLocks", ["s3:DeleteObject"], own_stack("locks")),
         allow("StackSecrets", ["kms:Decrypt", "kms:Encrypt"], [KEY]),
         allow("StateObjectEncryption", ["kms:GenerateDataKey"], [KEY],
               {"StringEquals": {"kms:ViaService": "s3.us-east-1.amazonaws.com"}}),
@@ -73,7 +96,7 @@ def test_preview_policy_reads_only():
     assert not writes & set(iam.allowed_actions(iam.preview_policy(NAMES)))
 
 
-@pytest.mark.parametrize("policy", [iam.runner_policy, iam.health_policy, iam.preview_policy])
+@pytest.mark.parametrize("policy", [runner_policy, iam.health_policy, iam.preview_policy])
 def test_no_wildcard_action_and_every_resource_named(policy):
     doc = policy(NAMES)
     for action in iam.allowed_actions(doc):
@@ -83,8 +106,8 @@ def test_no_wildcard_action_and_every_resource_named(policy):
         for res in st["Resource"]:
             assert res != "*" and res.startswith("arn:aws:"), res
             # a wildcard only ends an S3 prefix of this project's state
-            assert "*" not in res or (res.startswith(f"{BUCKET}/.pulumi/") and res.endswith("/*")
-                                      and f"/{PROJECT}/" in res), res
+            assert "*" not in res or (res.startswith(f"{BUCKET}/.pulumi/") and res.endswith("*")
+                                      and res.count("*") == 1 and f"/{PROJECT}/" in res), res
             assert "?" not in res
 
 

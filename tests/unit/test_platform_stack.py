@@ -117,6 +117,17 @@ def test_the_state_bucket_and_its_key(stack):
     assert policy == iam.state_bucket_policy(f"arn:aws:s3:::{BUCKET}")
     assert one(res, "aws:s3/bucketObjectv2:BucketObjectv2", "state-meta") == {
         "bucket": "state-id", "key": ".pulumi/meta.yaml", "content": "version: 1\n", "contentType": "application/yaml"}
+    rules = {r["id"]: r for r in one(res, "aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration",
+                                       "state")["rules"]}
+    assert rules == {
+        "old-versions": {"id": "old-versions", "status": "Enabled", "filter": {"prefix": ""},
+                         "noncurrentVersionExpiration": {"noncurrentDays": 30},
+                         "abortIncompleteMultipartUpload": {"daysAfterInitiation": 1}},
+        "history": {"id": "history", "status": "Enabled", "filter": {"prefix": ".pulumi/history/"},
+                    "expiration": {"days": 14}},
+        "backups": {"id": "backups", "status": "Enabled", "filter": {"prefix": ".pulumi/backups/"},
+                    "expiration": {"days": 14}},
+    }, "current checkpoints (.pulumi/stacks/) must never expire"
     key = one(res, "aws:kms/key:Key", "state")
     assert key["enableKeyRotation"] is True and key["deletionWindowInDays"] == 30
     assert "policy" not in key  # the default key policy: the account's IAM policies decide
@@ -136,23 +147,32 @@ CLUSTERS = [f"arn:aws:eks:{r}:{ACCOUNT}:cluster/gco-{r}" for r in REGIONS]
 B = f"arn:aws:s3:::{BUCKET}"
 
 
-def test_runner_role_policy_every_statement(stack):
+def own_stack(stack, *kinds):
+    paths = {"locks": [f"{B}/.pulumi/locks/organization/gco-infra/{stack}/*",
+                       f"{B}/.pulumi/locks/organization/gco-infra/{stack}.shard-*"],
+             "stacks": [f"{B}/.pulumi/stacks/gco-infra/{stack}.json*", f"{B}/.pulumi/stacks/gco-infra/{stack}.shard-*"],
+             "history": [f"{B}/.pulumi/history/gco-infra/{stack}/*", f"{B}/.pulumi/history/gco-infra/{stack}.shard-*"],
+             "backups": [f"{B}/.pulumi/backups/gco-infra/{stack}/*", f"{B}/.pulumi/backups/gco-infra/{stack}.shard-*"]}
+    return [p for k in kinds for p in paths[k]]
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_runner_role_policy_every_statement(stack, region):
     res, _, _ = stack
-    assert one(res, "aws:iam/rolePolicy:RolePolicy", "gco-runner")["role"] == "gco-runner-id"
-    assert statements(policy_of(res, "gco-runner")) == {
+    role = f"gco-runner-{region}"
+    assert one(res, "aws:iam/rolePolicy:RolePolicy", role)["role"] == f"{role}-id"
+    assert statements(policy_of(res, role)) == {
         "ReadEndpoints": (["dynamodb:BatchGetItem", "dynamodb:DescribeTable", "dynamodb:Scan"], TABLES, None),
         "FollowTableStream": (["dynamodb:DescribeStream", "dynamodb:GetRecords", "dynamodb:GetShardIterator"],
                               [stream(r) for r in REGIONS], None),
         "WriteRegionStatusOnly": (["dynamodb:UpdateItem"], TABLES, {"ForAllValues:StringEquals": {
             "dynamodb:Attributes": ["endpoint_name", "region_status"]}}),
-        "FindRegionalClusters": (["eks:DescribeCluster"], CLUSTERS, None),
         "ListState": (["s3:ListBucket"], [B], None),
         "ReadState": (["s3:GetObject"], [f"{B}/.pulumi/meta.yaml", f"{B}/.pulumi/stacks/gco-infra/*",
                                          f"{B}/.pulumi/locks/organization/gco-infra/*",
                                          f"{B}/.pulumi/history/gco-infra/*"], None),
-        "WriteState": (["s3:PutObject"], [f"{B}/.pulumi/stacks/gco-infra/*", f"{B}/.pulumi/locks/organization/gco-infra/*",
-                                          f"{B}/.pulumi/history/gco-infra/*", f"{B}/.pulumi/backups/gco-infra/*"], None),
-        "ReleaseStackLocks": (["s3:DeleteObject"], [f"{B}/.pulumi/locks/organization/gco-infra/*"], None),
+        "WriteState": (["s3:PutObject"], own_stack(region, "locks", "stacks", "history", "backups"), None),
+        "ReleaseStackLocks": (["s3:DeleteObject"], own_stack(region, "locks"), None),
         "StackSecrets": (["kms:Decrypt", "kms:Encrypt"], [KEY_ARN], None),
         "StateObjectEncryption": (["kms:GenerateDataKey"], [KEY_ARN],
                                   {"StringEquals": {"kms:ViaService": "s3.us-east-1.amazonaws.com"}}),
@@ -185,7 +205,7 @@ def test_no_policy_of_the_stack_allows_a_wildcard_action(stack):
     docs = [json.loads(r.inputs["policy"]) for (typ, _), r in res.items()
             if typ in ("aws:iam/rolePolicy:RolePolicy", "aws:s3/bucketPolicy:BucketPolicy")]
     docs += [json.loads(r.inputs["assumeRolePolicy"]) for (typ, _), r in res.items() if typ == "aws:iam/role:Role"]
-    assert len(docs) == 7
+    assert len(docs) == 11  # 3 runner roles, health, preview (policy + trust each) and the bucket policy
     for doc in docs:
         for action in iam.allowed_actions(doc):
             assert "*" not in action, action
@@ -195,13 +215,15 @@ def test_no_policy_of_the_stack_allows_a_wildcard_action(stack):
 
 def test_trust_policies(stack):
     res, _, _ = stack
-    for job in ("gco-runner", "gco-health"):
-        role = one(res, "aws:iam/role:Role", job)
-        assert role["name"] == job
+    roles = [("gco-health", "gco-health", sorted(CLUSTERS))]
+    roles += [(f"gco-runner-{r}", "gco-runner", [c]) for r, c in zip(REGIONS, CLUSTERS)]  # its own cluster only
+    for name, job, clusters in roles:
+        role = one(res, "aws:iam/role:Role", name)
+        assert role["name"] == name
         assert json.loads(role["assumeRolePolicy"]) == {"Version": "2012-10-17", "Statement": [{
             "Sid": "EksPodIdentity", "Effect": "Allow", "Principal": {"Service": "pods.eks.amazonaws.com"},
             "Action": ["sts:AssumeRole", "sts:TagSession"],
-            "Condition": {"StringEquals": {"aws:RequestTag/eks-cluster-arn": sorted(CLUSTERS),
+            "Condition": {"StringEquals": {"aws:RequestTag/eks-cluster-arn": clusters,
                                            "aws:RequestTag/kubernetes-namespace": "gco-system",
                                            "aws:RequestTag/kubernetes-service-account": job}}}]}
     oidc = one(res, "aws:iam/openIdConnectProvider:OpenIdConnectProvider", "github")
@@ -234,7 +256,8 @@ def test_per_region_pod_identity_and_access_entries(stack):
         for job in ("gco-runner", "gco-health"):
             assert one(res, "aws:eks/podIdentityAssociation:PodIdentityAssociation", f"{r}-{job}") == {
                 "region": r, "clusterName": f"gco-{r}", "namespace": "gco-system", "serviceAccount": job,
-                "roleArn": f"arn:aws:iam::{ACCOUNT}:role/{job}", "tags": {"project": "gco"}}
+                "roleArn": f"arn:aws:iam::{ACCOUNT}:role/{job}" + (f"-{r}" if job == "gco-runner" else ""),
+                "tags": {"project": "gco"}}
         assert one(res, "aws:eks/accessEntry:AccessEntry", f"{r}-gco-preview") == {
             "region": r, "clusterName": f"gco-{r}", "principalArn": f"arn:aws:iam::{ACCOUNT}:role/gco-preview",
             "kubernetesGroups": ["gco-preview"], "type": "STANDARD", "tags": {"project": "gco"}}

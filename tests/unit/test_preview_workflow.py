@@ -63,3 +63,17 @@ def test_every_action_is_pinned_to_a_commit(workflow):
         for step in job["steps"]:
             if "uses" in step:
                 assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", step["uses"]), f"{name}: {step['uses']} is not SHA-pinned"
+
+
+def test_nothing_is_downloaded_and_run_after_the_credentials_exist(workflow):
+    steps = workflow["jobs"]["preview"]["steps"]
+    creds = next(i for i, step in enumerate(steps) if "configure-aws-credentials" in str(step.get("uses", "")))
+    assert not [step for step in steps[creds:] if "curl" in str(step.get("run", ""))]
+    assert any("plugin install resource aws" in str(step.get("run", "")) for step in steps[:creds]), \
+        "EKS stacks call aws.eks.get_cluster: the AWS provider plugin must be installed"
+
+
+def test_only_the_bots_own_comment_is_updated(workflow):
+    script = next(step["with"]["script"] for step in workflow["jobs"]["comment"]["steps"] if "with" in step
+                  and "script" in step["with"])
+    assert "c.user.type === 'Bot'" in script
