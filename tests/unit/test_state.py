@@ -93,6 +93,7 @@ def test_the_engines_temporary_files_do_not_pile_up():
     """The provider leaves a kubeconfig copy in TMPDIR per start; in a pod that is an emptyDir."""
     tmp = Path(state.engine_tmp())
     assert tmp.parent == Path(state.project_dir()) and tmp.is_dir()
+    state.clear_engine_tmp()  # what earlier engine operations of this test process left
     (tmp / "kubeconfig123").write_text("{}")
     (tmp / "plugin-dir").mkdir()
     (tmp / "plugin-dir" / "f").write_text("x")
