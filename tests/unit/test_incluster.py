@@ -129,7 +129,7 @@ def provider_inputs(settings: StackSettings, mocks: "Mocks | None" = None) -> di
     return {r.name: r.inputs for r in mocks.resources if r.typ == "pulumi:providers:kubernetes"}["k8s"]
 
 
-def _pod(monkeypatch, tmp_path):
+def _pod(monkeypatch, tmp_path, host="10.100.0.1", port="443"):
     import gco_infra.program as program
 
     sa = tmp_path / "sa"
@@ -138,8 +138,8 @@ def _pod(monkeypatch, tmp_path):
     (sa / "token").write_text("a-token")
     monkeypatch.setattr(program, "SERVICE_ACCOUNT_DIR", str(sa))
     monkeypatch.setenv("GCO_IN_CLUSTER", "true")
-    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.100.0.1")
-    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", host)
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", port)
     return sa
 
 
@@ -169,16 +169,7 @@ def test_eks_provider_outside_a_pod_keeps_aws_exec(monkeypatch):
 
 
 def test_kubeconfig_path_stack_in_a_pod_uses_the_pods_cluster(monkeypatch, tmp_path):
-    import gco_infra.program as program
-
-    sa = tmp_path / "sa"
-    sa.mkdir()
-    (sa / "ca.crt").write_text("the-ca")
-    (sa / "token").write_text("a-token")
-    monkeypatch.setattr(program, "SERVICE_ACCOUNT_DIR", str(sa))
-    monkeypatch.setenv("GCO_IN_CLUSTER", "true")
-    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
-    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "6443")
+    sa = _pod(monkeypatch, tmp_path, host="127.0.0.1", port="6443")
     settings = StackSettings(stack="local", region="local-1", kubeconfig="/nowhere/kubeconfig-local-1")
     inputs = provider_inputs(settings)
     assert active_cluster(inputs["kubeconfig"]) == {
