@@ -76,11 +76,15 @@ def local() -> None:
 @click.option("--backend", type=click.Choice(localenv.STATE_BACKENDS), default=None,
               help="Where stacks live: s3 (moto's S3, as in production; the default) or file. Secrets use "
                    "moto's KMS either way. Switching needs `local down` first.")
-def local_up(backend: str | None = None) -> None:
+@click.option("--node/--no-node", "node", default=None,
+              help="Give each region a node (kubelet, containerd, kube-proxy in its own network namespace) "
+                   "that runs pods for real; needs root and the images of scripts/image. Default: as the "
+                   "environment was started ($GCO_LOCAL_NODE=1 for a new one). Switching needs `local down` first.")
+def local_up(backend: str | None = None, node: bool | None = None) -> None:
     """Start (or keep) the local environment; running twice is harmless."""
     env = localenv.LocalEnv.load()
     try:
-        env.up(progress=lambda s: console.print(f"[cyan]local[/] {s}"), backend=backend)
+        env.up(progress=lambda s: console.print(f"[cyan]local[/] {s}"), backend=backend, node=node)
     except localenv.LocalEnvError as exc:
         raise click.ClickException(str(exc)) from exc
     _print_status(env)
@@ -128,6 +132,7 @@ def _print_status(env: localenv.LocalEnv) -> bool:
     status = env.status()
     addresses = {"etcd": f"127.0.0.1:{env.etcd_port}", "dynamodb": env.dynamodb_endpoint}
     addresses.update({f"apiserver {r}": a.url for r, a in env.apiservers.items()})
+    addresses.update({f"node {n.name}": f"{n.ip}, pods {n.pod_cidr}" for n in env.nodes.values()})
     for name, ok in status.items():
         table.add_row(name, "[green]up[/]" if ok else "[red]down[/]", addresses.get(name, ""))
     console.print(table)

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .localnode import HOST_ADDRESS, Node, NodeError
 from .store import DEFAULT_TABLE, EndpointStore, StoreConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +49,9 @@ CONTROLLERS = (
     "pod-garbage-collector-controller", "disruption-controller", "root-ca-certificate-publisher-controller",
     "clusterrole-aggregation-controller",
 )
-"""What EKS runs that matters to endpoints (no cloud, node or volume controllers: there is no node)."""
+"""What EKS runs that matters to endpoints (no cloud or volume-attach controllers)."""
+NODE_CONTROLLERS = ("node-lifecycle-controller", "persistentvolume-binder-controller")
+"""With a node: its not-ready taint lifted and NotReady noticed; the model volume's claims bound."""
 HPA_SYNC_SECONDS = 5
 """The HPA controller's period (15 s on EKS): shorter here so tests see it act sooner."""
 STATE_BACKENDS = ("s3", "file")
@@ -117,13 +120,13 @@ def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> int
     return proc.pid
 
 
-def start_moto(port: int, log: Path) -> int:
-    """moto's standalone server on 127.0.0.1:port; returns its pid once it answers."""
+def start_moto(port: int, log: Path, host: str = "127.0.0.1") -> int:
+    """moto's standalone server on host:port; returns its pid once it answers."""
     exe = Path(sys.executable).with_name("moto_server")
     if not exe.exists():
         raise LocalEnvError(f"moto_server not found next to {sys.executable}; run scripts/setup")
-    pid = _spawn([str(exe), "-H", "127.0.0.1", "-p", str(port)], log)
-    _wait(lambda: _http_ok(f"http://127.0.0.1:{port}/moto-api/"), "moto server", 30, pid, log)
+    pid = _spawn([str(exe), "-H", host, "-p", str(port)], log)
+    _wait(lambda: _http_ok(f"http://{host}:{port}/moto-api/"), "moto server", 30, pid, log)
     return pid
 
 
@@ -173,10 +176,11 @@ class ApiServer:
     controller_manager_pid: int | None = None
     scheduler_port: int = 0
     scheduler_pid: int | None = None
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
+        return f"https://{self.host}:{self.port}"
 
 
 @dataclass
@@ -194,6 +198,11 @@ class LocalEnv:
     table: str = DEFAULT_TABLE
     backend: str = field(default_factory=lambda: os.environ.get("GCO_LOCAL_BACKEND") or "s3")
     """Where stacks live: "s3" (moto's S3, as in production) or "file"; secrets use moto's KMS either way."""
+    node: bool = field(default_factory=lambda: os.environ.get("GCO_LOCAL_NODE", "").lower() in ("1", "true"))
+    """Whether each region has a node (kubelet + containerd) that runs pods for real."""
+    host: str = "127.0.0.1"
+    """Where the apiservers and moto listen: loopback, or HOST_ADDRESS when pods must reach them."""
+    nodes: dict[str, Node] = field(default_factory=dict)
 
     # ---- persistence ---------------------------------------------------------------------------------
     @classmethod
@@ -204,6 +213,7 @@ class LocalEnv:
             return cls(dir=str(d))
         raw = json.loads(f.read_text())
         raw["apiservers"] = {k: ApiServer(**v) for k, v in raw.get("apiservers", {}).items()}
+        raw["nodes"] = {k: Node(**v) for k, v in raw.get("nodes", {}).items()}
         raw["dir"] = str(d)
         return cls(**raw)
 
@@ -219,7 +229,7 @@ class LocalEnv:
 
     @property
     def dynamodb_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.moto_port}"
+        return f"http://{self.host}:{self.moto_port}"
 
     def kubeconfig(self, region: str) -> Path:
         return self.path / f"kubeconfig-{region}"
@@ -227,12 +237,12 @@ class LocalEnv:
     @property
     def aws_endpoint(self) -> str:
         """moto's server: DynamoDB, S3 and KMS on one port."""
-        return f"http://127.0.0.1:{self.moto_port}"
+        return f"http://{self.host}:{self.moto_port}"
 
     @property
     def backend_url(self) -> str:
         if self.backend == "s3":
-            return (f"s3://{STATE_BUCKET}?endpoint=127.0.0.1:{self.moto_port}&disableSSL=true&s3ForcePathStyle=true"
+            return (f"s3://{STATE_BUCKET}?endpoint={self.host}:{self.moto_port}&disableSSL=true&s3ForcePathStyle=true"
                     f"&region={LOCAL_AWS_REGION}")
         return f"file://{self.path / 'backend'}"
 
@@ -340,13 +350,38 @@ class LocalEnv:
             result[f"controller-manager {region}"] = _alive(api.controller_manager_pid, "kube-controller-manager") and \
                 _healthz(api.controller_manager_port)
             result[f"scheduler {region}"] = _alive(api.scheduler_pid, "kube-scheduler") and _healthz(api.scheduler_port)
+            node = self.nodes.get(region)
+            if node:
+                result[f"node {node.name}"] = all(_alive(p, m) for p, m in (
+                    (node.containerd_pid, "containerd"), (node.kubelet_pid, "kubelet"),
+                    (node.proxy_pid, "kube-proxy"))) and self.node_ready(node)
         return result
 
     # ---- up / down ---------------------------------------------------------------------------------------
     def up(self, regions: Iterable[str] = REGIONS, progress: Callable[[str], None] = lambda s: None,
-           backend: str | None = None) -> None:
+           backend: str | None = None, node: bool | None = None) -> None:
         """Start what is not running. ``backend`` ("s3" or "file") changes where stacks live only while
-        the environment is down (the running clusters' stacks are where they are)."""
+        the environment is down (the running clusters' stacks are where they are); so does ``node``
+        (a node per region: the apiservers and moto must then listen where pods reach them)."""
+        regions = tuple(regions)
+        if node is not None and node != self.node:
+            if _alive(self.etcd_pid, "etcd"):
+                raise LocalEnvError(f"the local environment runs {'with' if self.node else 'without'} nodes; "
+                                    f"`gco-infra local down` first to start it {'with' if node else 'without'} nodes")
+            self.node = node
+        if self.node:
+            from . import localnode
+
+            problems = localnode.missing_prerequisites(tools_bin())
+            if problems:
+                raise LocalEnvError("cannot start a node: " + "; ".join(problems))
+            try:
+                localnode.images()
+                localnode.ensure_host_address()
+            except NodeError as exc:
+                raise LocalEnvError(str(exc)) from exc
+        if not _alive(self.etcd_pid, "etcd"):
+            self.host = HOST_ADDRESS if self.node else "127.0.0.1"
         if backend and backend != self.backend:
             if backend not in STATE_BACKENDS:
                 raise LocalEnvError(f"backend must be one of {', '.join(STATE_BACKENDS)}, got {backend!r}")
@@ -393,11 +428,11 @@ class LocalEnv:
         self.save()
 
         if _alive(self.moto_pid, "moto_server"):
-            progress(f"DynamoDB (moto) already running on 127.0.0.1:{self.moto_port}")
+            progress(f"DynamoDB (moto) already running on {self.host}:{self.moto_port}")
         else:
             self.moto_port = free_port()
-            progress(f"starting DynamoDB (moto server) on 127.0.0.1:{self.moto_port}")
-            self.moto_pid = start_moto(self.moto_port, self.path / "moto.log")
+            progress(f"starting DynamoDB (moto server) on {self.host}:{self.moto_port}")
+            self.moto_pid = start_moto(self.moto_port, self.path / "moto.log", self.host)
         self.save()
         self.store().create_table()
         self._ensure_state_backend(empty=fresh, progress=progress)
@@ -418,15 +453,28 @@ class LocalEnv:
         for region in regions:
             self._wait_for_controllers(self.apiservers[region])
             self._ensure_platform_objects(region)
+        if self.node:
+            self._start_nodes(regions, progress)
 
     def _start_apiserver(self, region: str, binary: Path, progress: Callable[[str], None]) -> ApiServer:
-        api = ApiServer(region=region, port=free_port())
+        api = ApiServer(region=region, port=free_port(), host=self.host)
         progress(f"starting kube-apiserver {region} on {api.url}")
         log = self.path / f"apiserver-{region}.log"
+        node_args: list[str] = []
+        if self.node:
+            # pods reach it through the kubernetes Service (kube-proxy -> the advertised address), and it
+            # reaches kubelets at their InternalIP with its own client certificate
+            from .localnode import kubelet_client_pki
+
+            _, crt, key = kubelet_client_pki(self.path)
+            node_args = ["--endpoint-reconciler-type", "lease", "--kubelet-preferred-address-types", "InternalIP",
+                         "--kubelet-client-certificate", str(crt), "--kubelet-client-key", str(key)]
+        else:
+            node_args = ["--endpoint-reconciler-type", "none"]
         api.pid = _spawn([
             str(binary),
             "--etcd-servers", f"http://127.0.0.1:{self.etcd_port}", "--etcd-prefix", f"/registry-{region}",
-            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1", "--secure-port", str(api.port),
+            "--bind-address", self.host, "--advertise-address", self.host, "--secure-port", str(api.port),
             "--cert-dir", str(self.path / f"certs-{region}"),
             "--service-cluster-ip-range", "10.96.0.0/16",
             "--service-account-issuer", f"https://kubernetes.default.svc/{region}",
@@ -434,7 +482,7 @@ class LocalEnv:
             "--service-account-signing-key-file", str(self.path / "sa.key"),
             "--token-auth-file", str(self.path / "tokens.csv"),
             "--authorization-mode", "Node,RBAC",
-            "--endpoint-reconciler-type", "none",
+            *node_args,
             "--enable-priority-and-fairness=false",
             "--v", "0",
         ], log)
@@ -462,7 +510,7 @@ class LocalEnv:
                     "--service-account-private-key-file", str(self.path / "sa.key"),
                     "--root-ca-file", str(self.ca_file(region)),
                     "--use-service-account-credentials",
-                    "--controllers", ",".join(CONTROLLERS),
+                    "--controllers", ",".join(CONTROLLERS + (NODE_CONTROLLERS if self.node else ())),
                     "--horizontal-pod-autoscaler-sync-period", f"{HPA_SYNC_SECONDS}s",
                 ])
         if _alive(api.scheduler_pid, "kube-scheduler"):
@@ -524,7 +572,11 @@ class LocalEnv:
         # The controller manager and scheduler authenticate as their own system users, whose
         # rights are the apiserver's bootstrap roles, as on a real control plane.
         lines = [f'{self.admin_token},gco-admin,gco-admin,"system:masters"']
-        lines += [f"{self._component_token(c)},system:{c},system:{c}" for c in ("kube-controller-manager", "kube-scheduler")]
+        lines += [f"{self._component_token(c)},system:{c},system:{c}"
+                  for c in ("kube-controller-manager", "kube-scheduler", "kube-proxy")]
+        # each node's kubelet as system:node:<name> (the Node authorizer's identity), as on EKS
+        lines += [f'{self._component_token(f"node:{r}-node")},system:node:{r}-node,system:node:{r}-node,"system:nodes"'
+                  for r in REGIONS]
         tokens.write_text("\n".join(lines) + "\n")
         tokens.chmod(0o600)
 
@@ -566,7 +618,164 @@ class LocalEnv:
         for obj in platform_rbac(NAMESPACES):
             apply_object(api, obj)
 
+    # ---- nodes -----------------------------------------------------------------------------------------
+    def node_dir(self, region: str) -> Path:
+        return self.path / f"node-{region}"
+
+    def _start_nodes(self, regions: Iterable[str], progress: Callable[[str], None]) -> None:
+        from . import localnode
+
+        images = localnode.images()
+        started = []
+        for region in regions:
+            node = self.nodes.get(region)
+            if node and _alive(node.kubelet_pid, "kubelet") and _alive(node.containerd_pid, "containerd") \
+                    and _alive(node.proxy_pid, "kube-proxy"):
+                progress(f"node {node.name} already running")
+                node.import_images(images, progress)  # images built since it started
+                continue
+            if node:  # partly running: start it again from a clean slate
+                self._stop_node(node, self.apiservers[region], progress)
+            taken = {n.slot for n in self.nodes.values()}
+            node = Node(region=region, slot=localnode.free_slot(taken), dir=str(self.node_dir(region)))
+            self.nodes[region] = node
+            self.save()
+            try:
+                self._start_node(node, images, progress)
+            except NodeError as exc:
+                raise LocalEnvError(f"node {node.name}: {exc}") from exc
+            started.append(node)
+        for node in started:
+            self._wait_for_node(node)
+            self._ensure_model_volume(node)
+
+    def _start_node(self, node: Node, images: dict[str, Path], progress: Callable[[str], None]) -> None:
+        from .localnode import image_ref
+
+        api = self.apiservers[node.region]
+        progress(f"starting node {node.name}: network namespace {node.netns}, node IP {node.ip}, pods {node.pod_cidr}")
+        node.create_network()
+        ca = base64.b64encode(self.ca_file(node.region).read_bytes()).decode()
+        node.write_config(pause_image=image_ref("pause"), apiserver=api.url, ca_data=ca,
+                          kubelet_token=self._component_token(f"node:{node.name}"),
+                          proxy_token=self._component_token("kube-proxy"))
+        shutil.copy(self.path / "kubelet-client-ca.crt", node.path / "kubelet-client-ca.crt")
+        env = {**os.environ, "PATH": f"{tools_bin()}{os.pathsep}{os.environ.get('PATH', '')}"}  # the shim
+        node.containerd_pid = _spawn(node.nsenter(str(tools_bin() / "containerd"), "--config",
+                                                  str(node.path / "containerd.toml"), "--log-level", "warn"),
+                                     self.path / f"containerd-{node.region}.log", env)
+        self.save()
+        _wait(lambda: node.socket.exists() and node.ctr("version", check=False, timeout=10).returncode == 0,
+              f"containerd of {node.name}", 60, node.containerd_pid, self.path / f"containerd-{node.region}.log")
+        node.import_images(images, progress)
+        progress(f"starting kubelet and kube-proxy of {node.name}")
+        node.kubelet_pid = _spawn(node.nsenter(
+            str(tools_bin() / "kubelet"), "--config", str(node.path / "kubelet.yaml"),
+            "--kubeconfig", str(node.path / "kubeconfig-kubelet"), "--root-dir", str(node.path / "kubelet"),
+            "--cert-dir", str(node.path / "kubelet-pki"), "--hostname-override", node.name, "--node-ip", node.ip,
+            "--node-labels", f"topology.kubernetes.io/region={node.region},gco.io/local-node=true",
+            "--v", "1"), self.path / f"kubelet-{node.region}.log", env)
+        node.proxy_pid = _spawn(node.nsenter(str(tools_bin() / "kube-proxy"), "--config",
+                                             str(node.path / "kube-proxy.yaml"), "--v", "1"),
+                                self.path / f"kube-proxy-{node.region}.log", env)
+        self.save()
+
+    def node_ready(self, node: Node) -> bool:
+        """The node is Ready and schedulable (the node-lifecycle controller lifted its not-ready taint)."""
+        from kubernetes import client
+
+        try:
+            obj = client.CoreV1Api(self.kube(node.region)).read_node(node.name)
+        except Exception:  # noqa: BLE001 - not registered yet, or the apiserver is away
+            return False
+        ready = any(c.type == "Ready" and c.status == "True" for c in obj.status.conditions or [])
+        return ready and not any(t.key.startswith("node.kubernetes.io/") for t in obj.spec.taints or [])
+
+    def _wait_for_node(self, node: Node) -> None:
+        _wait(lambda: self.node_ready(node), f"node {node.name} (kubelet)", 120, node.kubelet_pid,
+              self.path / f"kubelet-{node.region}.log")
+
+    def _ensure_model_volume(self, node: Node) -> None:
+        """The shared model volume of each inference namespace (EFS on EKS): a claim named as the
+        cluster settings' model_volume_claim, bound to a directory of the node (hostPath)."""
+        from .manifests import ClusterSettings
+
+        claim = ClusterSettings().model_volume_claim
+        api = self.kube(node.region)
+        for ns in NAMESPACES:
+            directory = node.path / "models" / ns
+            directory.mkdir(parents=True, exist_ok=True)
+            pv = f"gco-models-{ns}"
+            apply_object(api, {
+                "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+                "spec": {"capacity": {"storage": "100Gi"}, "accessModes": ["ReadWriteMany"],
+                         "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+                         "hostPath": {"path": str(directory), "type": "DirectoryOrCreate"},
+                         "claimRef": {"namespace": ns, "name": claim}}})
+            apply_object(api, {
+                "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim, "namespace": ns},
+                "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": pv,
+                         "resources": {"requests": {"storage": "100Gi"}}}})
+
+    def _stop_node(self, node: Node, api: ApiServer | None, progress: Callable[[str], None]) -> None:
+        """Stop a node and leave nothing behind: pods (their network namespaces), processes, mounts,
+        the node's network namespace and veth, cgroups."""
+        progress(f"stopping node {node.name}")
+        if _alive(node.kubelet_pid, "kubelet") and _alive(node.containerd_pid, "containerd"):
+            self._drain(node, api)
+        stop_pid(node.kubelet_pid, "kubelet")
+        stop_pid(node.proxy_pid, "kube-proxy")
+        pod_netns: set[str] = set()
+        ids: set[str] = set()
+        if _alive(node.containerd_pid, "containerd"):
+            pod_netns = node.pod_netns()
+            ids = set(node.ctr("containers", "ls", "-q", check=False, timeout=30).stdout.split())
+            node.kill_containers()
+        stop_pid(node.containerd_pid, "containerd")
+        for pid in node.shim_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        node.unmount_all()
+        node.delete_network(pod_netns)
+        node.remove_cgroups(ids)
+        shutil.rmtree(node.run_dir, ignore_errors=True)
+        node.containerd_pid = node.kubelet_pid = node.proxy_pid = None
+
+    def _drain(self, node: Node, api: ApiServer | None) -> None:
+        """Delete the node's pods through the apiserver while its kubelet runs: the kubelet stops their
+        sandboxes (CNI DEL, network namespace removed), which a killed container never gets."""
+        if not api or not _alive(api.pid, "kube-apiserver"):
+            return
+        from kubernetes import client
+
+        core = client.CoreV1Api(self.kube(node.region))
+        try:
+            pods = core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node.name}").items
+            for pod in pods:
+                core.delete_namespaced_pod(pod.metadata.name, pod.metadata.namespace, grace_period_seconds=0)
+        except Exception:  # noqa: BLE001 - the forced path below still removes everything
+            return
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if not node.ctr("tasks", "ls", "-q", check=False, timeout=30).stdout.split():
+                return
+            time.sleep(0.5)
+
     def down(self, progress: Callable[[str], None] = lambda s: None, *, wipe: bool = False) -> None:
+        for region, api in self.apiservers.items():
+            node = self.nodes.get(region)
+            if node:
+                # no new pods while the node's are stopped and removed
+                stop_pid(api.scheduler_pid, "kube-scheduler")
+                stop_pid(api.controller_manager_pid, "kube-controller-manager")
+                self._stop_node(node, api, progress)
+        self.nodes = {}
+        self.save()
+        from .localnode import release_host_address
+
+        release_host_address()
         for region, api in self.apiservers.items():
             progress(f"stopping the control plane of {region}")
             self._stop_region(api)
@@ -582,7 +791,8 @@ class LocalEnv:
 
 
 _PLURALS = {"Namespace": "namespaces", "ServiceAccount": "serviceaccounts", "Role": "roles",
-            "RoleBinding": "rolebindings", "ClusterRole": "clusterroles", "ClusterRoleBinding": "clusterrolebindings"}
+            "RoleBinding": "rolebindings", "ClusterRole": "clusterroles", "ClusterRoleBinding": "clusterrolebindings",
+            "PersistentVolume": "persistentvolumes", "PersistentVolumeClaim": "persistentvolumeclaims"}
 
 
 def apply_object(api, obj: dict) -> None:

@@ -1,0 +1,411 @@
+"""A real node per local region: containerd + runc, CNI (bridge + host-local), kubelet and kube-proxy.
+
+Each node lives in its own network namespace ``gco-n<slot>``, joined to the host by a veth pair,
+so its kubelet (port 10250 on the node's IP), kube-proxy (iptables rules of its own) and pod network
+never meet another node's, and the apiserver reaches the kubelet at the node's InternalIP as on EKS.
+Pod IPs are routable from the host (like the VPC CNI's): the host routes each node's pod range to
+the node. The node's processes share the host's mount namespace (``nsenter --net``), so volumes the
+kubelet mounts are the ones containerd gives to containers.
+
+Addresses (slot n, 0..63): host side of the veth 10.213.254.<4n+1>/30, node 10.213.254.<4n+2>, pods
+10.213.<n>.0/24. Host services that pods use (the apiservers, moto) listen on HOST_ADDRESS, a /32 on
+the host's loopback, reachable from every node through its default route.
+
+Nothing runs without root: the node needs network namespaces, mounts and cgroups. Images come from
+OCI archives built here (scripts/image, listed in images.tsv): no registry is reachable.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+HOST_ADDRESS = "10.213.255.1"
+NODE_NETWORK = ipaddress.ip_network("10.213.254.0/24")
+SLOTS = 64
+CNI_BIN_DIR = Path("/usr/lib/cni")
+CNI_PLUGINS = ("bridge", "host-local", "loopback")
+RUNC = Path("/usr/sbin/runc")
+NODE_BINARIES = ("containerd", "ctr", "containerd-shim-runc-v2", "kubelet", "kube-proxy")
+KUBELET_PORT = 10250
+DEBIAN_PACKAGES = "runc containernetworking-plugins iptables util-linux iproute2"
+
+
+class NodeError(RuntimeError):
+    pass
+
+
+def kubelet_client_pki(directory: Path) -> tuple[Path, Path, Path]:
+    """(CA, certificate, key): the apiserver's client certificate for kubelets, and the CA kubelets
+    trust for it (kubelet-client-ca.crt); made once per environment."""
+    ca_crt, crt, key = directory / "kubelet-client-ca.crt", directory / "kubelet-client.crt", directory / "kubelet-client.key"
+    if ca_crt.exists() and crt.exists() and key.exists():
+        return ca_crt, crt, key
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, client_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gco-local-kubelet-client-ca")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=365))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True).sign(ca_key, hashes.SHA256()))
+    client = (x509.CertificateBuilder()
+              .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
+                                       x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver-kubelet-client")]))
+              .issuer_name(ca_name).public_key(client_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=365))
+              .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+              .sign(ca_key, hashes.SHA256()))
+    ca_crt.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    crt.write_bytes(client.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(client_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()))
+    key.chmod(0o600)
+    return ca_crt, crt, key
+
+
+def _run(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise NodeError(f"{' '.join(argv)} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
+    return proc
+
+
+def image_dir() -> Path:
+    return Path(os.environ.get("GCO_IMAGE_DIR") or Path.home() / ".cache" / "gco-infra" / "image")
+
+
+def images() -> dict[str, Path]:
+    """Image reference -> OCI archive, as scripts/image listed them in images.tsv."""
+    listing = image_dir() / "images.tsv"
+    if not listing.exists():
+        raise NodeError(f"{listing} does not exist: build the images first (scripts/image build)")
+    result: dict[str, Path] = {}
+    for line in listing.read_text().splitlines():
+        if line.strip():
+            ref, _, archive = line.partition("\t")
+            if not Path(archive).exists():
+                raise NodeError(f"{archive} (image {ref}) is missing: run scripts/image build")
+            result[ref] = Path(archive)
+    return result
+
+
+def image_ref(kind: str) -> str:
+    """The reference of one of the built images: "pause", "model-server", "aws-cli" or "gco-infra"."""
+    pattern = re.compile(rf"^localhost/(gco-infra/)?{re.escape(kind)}:")
+    for ref in images():
+        if pattern.match(ref):
+            return ref
+    raise NodeError(f"no {kind} image in {image_dir() / 'images.tsv'}: run scripts/image build")
+
+
+def missing_prerequisites(tools_bin: Path) -> list[str]:
+    """What this machine lacks to run a node, each with how to get it."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("a node needs root (network namespaces, mounts, cgroups)")
+    missing = [b for b in NODE_BINARIES if not (tools_bin / b).exists()]
+    if missing:
+        problems.append(f"{', '.join(missing)} not built: scripts/tools build kube containerd")
+    debian = [str(p) for p in (RUNC, *(CNI_BIN_DIR / p for p in CNI_PLUGINS)) if not p.exists()]
+    debian += [c for c in ("iptables", "nsenter", "ip") if not shutil.which(c)]
+    if debian:
+        problems.append(f"{', '.join(debian)} missing: apt-get install {DEBIAN_PACKAGES}")
+    return problems
+
+
+def _links() -> set[str]:
+    return {m.group(1) for m in re.finditer(r"^\d+: ([^:@]+)", _run("ip", "-o", "link", "show").stdout, re.M)}
+
+
+def free_slot(taken: set[int] = frozenset()) -> int:
+    """The lowest slot no node of any local environment on this machine uses."""
+    used = {int(m.group(1)) for name in _links() if (m := re.fullmatch(r"gco-n(\d+)", name))}
+    used |= {int(m.group(1)) for p in Path("/run/netns").glob("gco-n*") if (m := re.fullmatch(r"gco-n(\d+)", p.name))}
+    for slot in range(SLOTS):
+        if slot not in used and slot not in taken:
+            return slot
+    raise NodeError(f"all {SLOTS} node slots are in use (ip link show | grep gco-n)")
+
+
+def ensure_host_address() -> None:
+    if HOST_ADDRESS not in _run("ip", "-o", "addr", "show", "dev", "lo").stdout:
+        _run("ip", "addr", "add", f"{HOST_ADDRESS}/32", "dev", "lo")
+
+
+def release_host_address() -> None:
+    """Drop HOST_ADDRESS, and containerd's empty k8s.io cgroups, once no node of any environment is left."""
+    if not any(re.fullmatch(r"gco-n\d+", n) for n in _links()):
+        _run("ip", "addr", "del", f"{HOST_ADDRESS}/32", "dev", "lo", check=False)
+        for parent in Path("/sys/fs/cgroup").glob("*/k8s.io"):
+            try:
+                parent.rmdir()
+            except OSError:
+                pass
+
+
+@dataclass
+class Node:
+    """One region's node; persisted in the environment's state.json."""
+
+    region: str
+    slot: int
+    dir: str
+    containerd_pid: int | None = None
+    kubelet_pid: int | None = None
+    proxy_pid: int | None = None
+
+    # ---- names and addresses -----------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return f"{self.region}-node"
+
+    @property
+    def netns(self) -> str:
+        return f"gco-n{self.slot}"
+
+    @property
+    def host_ip(self) -> str:
+        return str(NODE_NETWORK.network_address + 4 * self.slot + 1)
+
+    @property
+    def ip(self) -> str:
+        return str(NODE_NETWORK.network_address + 4 * self.slot + 2)
+
+    @property
+    def pod_cidr(self) -> str:
+        return f"10.213.{self.slot}.0/24"
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir)
+
+    @property
+    def run_dir(self) -> Path:
+        """Short paths for sockets (unix socket paths are limited to 108 bytes)."""
+        return Path(f"/run/gco-n{self.slot}")
+
+    @property
+    def socket(self) -> Path:
+        return self.run_dir / "containerd.sock"
+
+    def nsenter(self, *argv: str) -> list[str]:
+        return ["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv]
+
+    # ---- network -------------------------------------------------------------------------------------
+    def create_network(self) -> None:
+        """The node's network namespace, its veth to the host, its default route, the host's route to its pods."""
+        ns, host_if = self.netns, self.netns
+        if not Path(f"/run/netns/{ns}").exists():
+            _run("ip", "netns", "add", ns)
+        if host_if not in _links():
+            _run("ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _run("ip", "addr", "add", f"{self.host_ip}/30", "dev", host_if)
+            _run("ip", "link", "set", host_if, "up")
+            _run("ip", "-n", ns, "addr", "add", f"{self.ip}/30", "dev", "eth0")
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+            _run("ip", "-n", ns, "link", "set", "eth0", "up")
+            _run("ip", "-n", ns, "route", "add", "default", "via", self.host_ip)
+            _run("ip", "route", "replace", self.pod_cidr, "via", self.ip)
+        # forwarding between the pods' bridge and eth0, inside the node only
+        _run(*self.nsenter("sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"))
+
+    def delete_network(self, pod_netns: set[str]) -> None:
+        for ns in sorted(pod_netns):
+            _run("ip", "netns", "delete", ns, check=False)
+        _run("ip", "netns", "delete", self.netns, check=False)  # takes eth0, its peer and the routes with it
+        if self.netns in _links():
+            _run("ip", "link", "delete", self.netns, check=False)
+
+    # ---- configuration files ----------------------------------------------------------------------------
+    def write_config(self, *, pause_image: str, apiserver: str, ca_data: str, kubelet_token: str,
+                     proxy_token: str, cluster_dns: str | None = None) -> None:
+        for d in ("cni/net.d", "cni/ipam", "kubelet", "pod-logs", "containerd"):
+            (self.path / d).mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.path / "containerd.toml").write_text(f'''\
+version = 4
+root = "{self.path / 'containerd'}"
+state = "{self.run_dir / 'state'}"
+imports = []
+
+[plugins."io.containerd.server.v1.grpc"]
+  address = "{self.socket}"
+[plugins."io.containerd.server.v1.ttrpc"]
+  address = "{self.socket}.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{self.path / 'containerd-opt'}"
+[plugins."io.containerd.nri.v1.nri"]
+  disable = true
+
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "{pause_image}"
+
+[plugins."io.containerd.cri.v1.runtime"]
+  # root here lacks CAP_SYS_RESOURCE: runc could not set the kubelet's negative oom_score_adj
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        BinaryName = "{RUNC}"
+        Root = "{self.run_dir / 'runc'}"
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["{CNI_BIN_DIR}"]
+    conf_dir = "{self.path / 'cni/net.d'}"
+''')
+        (self.path / "cni/net.d/10-gco.conflist").write_text(json.dumps({
+            "cniVersion": "1.0.0", "name": "gco-pods",
+            "plugins": [{
+                "type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": False, "hairpinMode": True,
+                "ipam": {"type": "host-local", "ranges": [[{"subnet": self.pod_cidr}]],
+                         "routes": [{"dst": "0.0.0.0/0"}], "dataDir": str(self.path / "cni/ipam")},
+            }],
+        }, indent=2))
+        kubelet = {
+            "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
+            # this machine: cgroup v1 (hybrid), no systemd, swap on
+            "failCgroupV1": False, "cgroupDriver": "cgroupfs", "failSwapOn": False,
+            # pods' cgroups under containerd's own parent: two nodes on one host never share a QoS tree
+            "cgroupsPerQOS": False, "enforceNodeAllocatable": [],
+            "containerRuntimeEndpoint": f"unix://{self.socket}", "imageServiceEndpoint": f"unix://{self.socket}",
+            "address": self.ip, "port": KUBELET_PORT, "readOnlyPort": 0,
+            "healthzBindAddress": "127.0.0.1", "healthzPort": 10248,
+            # the apiserver authenticates with its kubelet client certificate; everyone else is asked
+            # about at the apiserver (webhook), as on EKS
+            "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": True},
+                               "x509": {"clientCAFile": str(self.path / "kubelet-client-ca.crt")}},
+            "authorization": {"mode": "Webhook"},
+            "podLogsDir": str(self.path / "pod-logs"),
+            "resolvConf": "/etc/resolv.conf", "clusterDomain": "cluster.local",
+            **({"clusterDNS": [cluster_dns]} if cluster_dns else {}),
+            "maxPods": 60,
+            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
+            "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
+            "serializeImagePulls": False,
+            "nodeStatusUpdateFrequency": "5s",
+        }
+        (self.path / "kubelet.yaml").write_text(json.dumps(kubelet, indent=2))
+        proxy = {
+            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration",
+            "mode": "iptables", "clusterCIDR": self.pod_cidr, "hostnameOverride": self.name,
+            "clientConnection": {"kubeconfig": str(self.path / "kubeconfig-proxy")},
+            # the node's namespace has its own conntrack table; leave the kernel's sizes alone
+            "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
+            "metricsBindAddress": "127.0.0.1:10249", "healthzBindAddress": "127.0.0.1:10256",
+        }
+        (self.path / "kube-proxy.yaml").write_text(json.dumps(proxy, indent=2))
+        for user, token, file in ((f"system:node:{self.name}", kubelet_token, "kubeconfig-kubelet"),
+                                  ("system:kube-proxy", proxy_token, "kubeconfig-proxy")):
+            cfg = {"apiVersion": "v1", "kind": "Config", "current-context": "node",
+                   "clusters": [{"name": "local", "cluster": {"server": apiserver, "certificate-authority-data": ca_data}}],
+                   "contexts": [{"name": "node", "context": {"cluster": "local", "user": user}}],
+                   "users": [{"name": user, "user": {"token": token}}]}
+            f = self.path / file
+            f.write_text(json.dumps(cfg, indent=2))
+            f.chmod(0o600)
+
+    # ---- processes --------------------------------------------------------------------------------------
+    def ctr(self, *argv: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+        from .localenv import tools_bin
+
+        return _run(str(tools_bin() / "ctr"), "--address", str(self.socket), "-n", "k8s.io", *argv,
+                    timeout=timeout, check=check)
+
+    def import_images(self, wanted: dict[str, Path], progress: Callable[[str], None]) -> None:
+        present = set(self.ctr("images", "ls", "-q").stdout.split())
+        for ref, archive in wanted.items():
+            if ref in present:
+                continue
+            progress(f"importing {ref} into {self.name}")
+            self.ctr("images", "import", "--local", str(archive), timeout=600)
+            if ref not in set(self.ctr("images", "ls", "-q").stdout.split()):
+                raise NodeError(f"{archive} imported into {self.name}, but containerd lists no image {ref}")
+
+    def pod_netns(self) -> set[str]:
+        """The network namespaces of this node's pod sandboxes (from containerd's records)."""
+        result = set()
+        proc = self.ctr("containers", "ls", "-q", check=False, timeout=30)
+        for cid in proc.stdout.split() if proc.returncode == 0 else []:
+            info = self.ctr("containers", "info", cid, check=False, timeout=30)
+            for m in re.finditer(r'"path":\s*"/(?:var/)?run/netns/(cni-[0-9a-f-]+)"', info.stdout):
+                result.add(m.group(1))
+        return result
+
+    def kill_containers(self) -> None:
+        proc = self.ctr("tasks", "ls", "-q", check=False, timeout=30)
+        for tid in proc.stdout.split() if proc.returncode == 0 else []:
+            self.ctr("tasks", "kill", "-s", "KILL", tid, check=False, timeout=30)
+        deadline = time.monotonic() + 15
+        for tid in proc.stdout.split() if proc.returncode == 0 else []:
+            while time.monotonic() < deadline and self.ctr("tasks", "delete", tid, check=False, timeout=30).returncode != 0:
+                if self.ctr("tasks", "ls", "-q", check=False, timeout=30).stdout.split().count(tid) == 0:
+                    break
+                time.sleep(0.3)
+        proc = self.ctr("containers", "ls", "-q", check=False, timeout=30)
+        for cid in proc.stdout.split() if proc.returncode == 0 else []:
+            self.ctr("containers", "rm", cid, check=False, timeout=30)
+
+    def shim_pids(self) -> list[int]:
+        """containerd-shim-runc-v2 processes serving this node's containerd (they outlive it)."""
+        pids = []
+        needle = f"-address {self.socket}".encode()
+        for p in Path("/proc").iterdir():
+            if p.name.isdigit():
+                try:
+                    cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ")
+                except OSError:
+                    continue
+                if b"containerd-shim" in cmd and needle in cmd:
+                    pids.append(int(p.name))
+        return pids
+
+    def unmount_all(self) -> None:
+        """Every mount under the node's dirs, deepest first (kubelet bind-mounts its root dir onto itself)."""
+        roots = (str(self.path) + "/", str(self.run_dir) + "/")
+        for _ in range(3):
+            mounts = []
+            for line in Path("/proc/self/mounts").read_text().splitlines():
+                target = line.split()[1].replace("\\040", " ")
+                if (target + "/").startswith(roots) or target in (str(self.path), str(self.run_dir)):
+                    mounts.append(target)
+            if not mounts:
+                return
+            for target in sorted(set(mounts), key=len, reverse=True):
+                if _run("umount", target, check=False).returncode != 0:
+                    _run("umount", "-l", target, check=False)
+
+    def remove_cgroups(self, ids: set[str]) -> None:
+        for controller in Path("/sys/fs/cgroup").iterdir():
+            parent = controller / "k8s.io"
+            for cid in ids:
+                d = parent / cid
+                if d.is_dir():
+                    for sub in sorted(d.rglob("*"), key=lambda x: len(str(x)), reverse=True):
+                        if sub.is_dir():
+                            try:
+                                sub.rmdir()
+                            except OSError:
+                                pass
+                    try:
+                        d.rmdir()
+                    except OSError:
+                        pass
