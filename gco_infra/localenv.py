@@ -203,6 +203,9 @@ class LocalEnv:
     host: str = "127.0.0.1"
     """Where the apiservers and moto listen: loopback, or HOST_ADDRESS when pods must reach them."""
     nodes: dict[str, Node] = field(default_factory=dict)
+    identity_port: int = 0
+    identity_pid: int | None = None
+    """The pod-identity webhook (localidentity): pods get credentials from their ServiceAccount's role."""
 
     # ---- persistence ---------------------------------------------------------------------------------
     @classmethod
@@ -351,6 +354,8 @@ class LocalEnv:
                 _healthz(api.controller_manager_port)
             result[f"scheduler {region}"] = _alive(api.scheduler_pid, "kube-scheduler") and _healthz(api.scheduler_port)
             node = self.nodes.get(region)
+            if node and f"pod identity" not in result:
+                result["pod identity"] = _alive(self.identity_pid, "gco_infra.localidentity")
             if node:
                 result[f"node {node.name}"] = all(_alive(p, m) for p, m in (
                     (node.containerd_pid, "containerd"), (node.kubelet_pid, "kubelet"),
@@ -454,6 +459,7 @@ class LocalEnv:
             self._wait_for_controllers(self.apiservers[region])
             self._ensure_platform_objects(region)
         if self.node:
+            self._start_identity_webhook(regions, progress)
             self._start_nodes(regions, progress)
 
     def _start_apiserver(self, region: str, binary: Path, progress: Callable[[str], None]) -> ApiServer:
@@ -618,6 +624,52 @@ class LocalEnv:
         for obj in platform_rbac(NAMESPACES):
             apply_object(api, obj)
 
+    # ---- pod credentials -----------------------------------------------------------------------------------
+    def _start_identity_webhook(self, regions: Iterable[str], progress: Callable[[str], None]) -> None:
+        """Pods get AWS credentials as on EKS: from the IAM role their ServiceAccount names (localidentity).
+        The roles exist in moto; the inference pods' account gets the model-sync role, the runner's
+        and health job's accounts their own."""
+        from . import localidentity, system
+
+        if not _alive(self.identity_pid, "gco_infra.localidentity"):
+            ca, crt, key = localidentity.serving_pki(self.path, [self.host, "127.0.0.1"])
+            self.identity_port = free_port()
+            config = {"host": self.host, "port": self.identity_port, "cert": str(crt), "key": str(key),
+                      "kubeconfigs": {r: str(self.kubeconfig(r)) for r in self.apiservers},
+                      "env": {"AWS_ENDPOINT_URL": self.aws_endpoint, "AWS_REGION": LOCAL_AWS_REGION,
+                              "AWS_DEFAULT_REGION": LOCAL_AWS_REGION}}
+            (self.path / "identity-webhook.json").write_text(json.dumps(config, indent=2))
+            progress(f"starting the pod-identity webhook on {self.host}:{self.identity_port}")
+            self.identity_pid = _spawn([sys.executable, "-m", "gco_infra.localidentity",
+                                        str(self.path / "identity-webhook.json")], self.path / "identity-webhook.log")
+            self.save()
+            ctx = ssl.create_default_context(cafile=str(ca))
+            _wait(lambda: _http_ok(f"https://{self.host}:{self.identity_port}/healthz", ctx=ctx),
+                  "pod-identity webhook", 30, self.identity_pid, self.path / "identity-webhook.log")
+        ca_bundle = (self.path / "identity-webhook-ca.crt").read_bytes()
+        iam = self._aws("iam")
+        roles = {"model-sync": "gco-model-sync", "runner": system.RUNNER, "health": system.HEALTH}
+        arns = {}
+        for purpose, role in roles.items():
+            try:
+                arns[purpose] = iam.get_role(RoleName=role)["Role"]["Arn"]
+            except iam.exceptions.NoSuchEntityException:
+                arns[purpose] = iam.create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps({
+                    "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRoleWithWebIdentity",
+                                                            "Principal": {"Federated": "local"}}]}))["Role"]["Arn"]
+        for region in regions:
+            api = self.kube(region)
+            apply_object(api, localidentity.webhook_configuration(
+                f"https://{self.host}:{self.identity_port}/mutate/{region}", ca_bundle))
+            accounts = [(ns, INFERENCE_SERVICE_ACCOUNT, arns["model-sync"]) for ns in NAMESPACES]
+            accounts += [(SYSTEM_NAMESPACE, system.RUNNER, arns["runner"]), (SYSTEM_NAMESPACE, system.HEALTH, arns["health"])]
+            from kubernetes import client
+
+            core = client.CoreV1Api(api)
+            for ns, name, arn in accounts:
+                core.patch_namespaced_service_account(
+                    name, ns, {"metadata": {"annotations": {localidentity.ROLE_ANNOTATION: arn}}})
+
     # ---- nodes -----------------------------------------------------------------------------------------
     def node_dir(self, region: str) -> Path:
         return self.path / f"node-{region}"
@@ -772,6 +824,8 @@ class LocalEnv:
                 stop_pid(api.controller_manager_pid, "kube-controller-manager")
                 self._stop_node(node, api, progress)
         self.nodes = {}
+        stop_pid(self.identity_pid, "gco_infra.localidentity")
+        self.identity_pid = None
         self.save()
         from .localnode import release_host_address
 
@@ -792,7 +846,8 @@ class LocalEnv:
 
 _PLURALS = {"Namespace": "namespaces", "ServiceAccount": "serviceaccounts", "Role": "roles",
             "RoleBinding": "rolebindings", "ClusterRole": "clusterroles", "ClusterRoleBinding": "clusterrolebindings",
-            "PersistentVolume": "persistentvolumes", "PersistentVolumeClaim": "persistentvolumeclaims"}
+            "PersistentVolume": "persistentvolumes", "PersistentVolumeClaim": "persistentvolumeclaims",
+            "MutatingWebhookConfiguration": "mutatingwebhookconfigurations"}
 
 
 def apply_object(api, obj: dict) -> None:

@@ -1,0 +1,203 @@
+"""Pod credentials in the local environment, as EKS gives them: from the pod's ServiceAccount.
+
+On EKS, amazon-eks-pod-identity-webhook mutates every new pod whose ServiceAccount carries the
+annotation ``eks.amazonaws.com/role-arn``: each container not named in the pod's
+``eks.amazonaws.com/skip-containers`` annotation gets ``AWS_ROLE_ARN``, ``AWS_WEB_IDENTITY_TOKEN_FILE``
+and a projected ServiceAccount token (audience ``sts.amazonaws.com``), and the AWS SDK exchanges that
+token for the role's credentials (AssumeRoleWithWebIdentity). This module is that webhook for the
+local clusters, with one local addition: ``AWS_ENDPOINT_URL`` pointing at moto's server, whose STS
+answers the exchange. It runs as its own process (``python -m gco_infra.localidentity CONFIG``),
+serving HTTPS to the local apiservers; ``localenv`` starts it and registers it with each region.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import ssl
+import sys
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+
+ROLE_ANNOTATION = "eks.amazonaws.com/role-arn"
+AUDIENCE_ANNOTATION = "eks.amazonaws.com/audience"
+SKIP_CONTAINERS = "eks.amazonaws.com/skip-containers"
+TOKEN_DIR = "/var/run/secrets/eks.amazonaws.com/serviceaccount"
+TOKEN_VOLUME = "aws-iam-token"
+WEBHOOK_NAME = "gco-local-pod-identity.gco.io"
+
+
+def serving_pki(directory: Path, ips: list[str]) -> tuple[Path, Path, Path]:
+    """(CA, certificate, key) for the webhook's HTTPS on ``ips``; made once per environment."""
+    ca_crt, crt, key = (directory / "identity-webhook-ca.crt", directory / "identity-webhook.crt",
+                        directory / "identity-webhook.key")
+    if ca_crt.exists() and crt.exists() and key.exists():
+        return ca_crt, crt, key
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gco-local-identity-webhook-ca")])
+    valid = dict(not_valid_before=now - datetime.timedelta(minutes=5), not_valid_after=now + datetime.timedelta(days=365))
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(valid["not_valid_before"])
+          .not_valid_after(valid["not_valid_after"])
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True).sign(ca_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gco-local-identity-webhook")]))
+            .issuer_name(ca_name).public_key(leaf_key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(valid["not_valid_before"]).not_valid_after(valid["not_valid_after"])
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]),
+                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    ca_crt.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    crt.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key.chmod(0o600)
+    return ca_crt, crt, key
+
+
+def patch_for(pod: dict[str, Any], role_arn: str, audience: str, extra_env: dict[str, str]) -> list[dict[str, Any]]:
+    """The JSON patch that gives the pod's containers (except skipped ones) the role's web identity."""
+    spec = pod.get("spec") or {}
+    skip = {c.strip() for c in ((pod.get("metadata") or {}).get("annotations") or {}).get(SKIP_CONTAINERS, "").split(",")
+            if c.strip()}
+    env = {"AWS_ROLE_ARN": role_arn, "AWS_WEB_IDENTITY_TOKEN_FILE": f"{TOKEN_DIR}/token",
+           "AWS_STS_REGIONAL_ENDPOINTS": "regional", **extra_env}
+    ops: list[dict[str, Any]] = []
+    changed = False
+    for field in ("initContainers", "containers"):
+        containers = [dict(c) for c in spec.get(field) or []]
+        touched = False
+        for c in containers:
+            if c.get("name") in skip or any(e.get("name") == "AWS_ROLE_ARN" for e in c.get("env") or []):
+                continue
+            have = {e.get("name") for e in c.get("env") or []}
+            c["env"] = [*(c.get("env") or []), *({"name": k, "value": v} for k, v in env.items() if k not in have)]
+            c["volumeMounts"] = [*(c.get("volumeMounts") or []),
+                                 {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True}]
+            touched = True
+        if touched:
+            ops.append({"op": "add", "path": f"/spec/{field}", "value": containers})
+            changed = True
+    if changed and not any(v.get("name") == TOKEN_VOLUME for v in spec.get("volumes") or []):
+        volume = {"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
+            "audience": audience, "expirationSeconds": 86400, "path": "token"}}]}}
+        ops.append({"op": "add", "path": "/spec/volumes", "value": [*(spec.get("volumes") or []), volume]})
+    return ops
+
+
+class Webhook:
+    """Answers AdmissionReviews for pods of one or more local regions."""
+
+    def __init__(self, read_service_account: Callable[[str, str, str], dict[str, Any] | None],
+                 extra_env: dict[str, str]):
+        self.read_service_account = read_service_account
+        self.extra_env = extra_env
+
+    def review(self, region: str, body: dict[str, Any]) -> dict[str, Any]:
+        request = body.get("request") or {}
+        response: dict[str, Any] = {"uid": request.get("uid", ""), "allowed": True}
+        pod = request.get("object") or {}
+        namespace = request.get("namespace") or (pod.get("metadata") or {}).get("namespace") or "default"
+        account = (pod.get("spec") or {}).get("serviceAccountName") or "default"
+        sa = self.read_service_account(region, namespace, account)
+        annotations = ((sa or {}).get("metadata") or {}).get("annotations") or {}
+        role = annotations.get(ROLE_ANNOTATION)
+        if role:
+            ops = patch_for(pod, role, annotations.get(AUDIENCE_ANNOTATION, "sts.amazonaws.com"), self.extra_env)
+            if ops:
+                response["patchType"] = "JSONPatch"
+                response["patch"] = base64.b64encode(json.dumps(ops).encode()).decode()
+        return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
+
+
+def _service_account_reader(kubeconfigs: dict[str, str]) -> Callable[[str, str, str], dict[str, Any] | None]:
+    from kubernetes import client, config
+
+    apis = {r: client.CoreV1Api(config.new_client_from_config(k)) for r, k in kubeconfigs.items()}
+    cache: dict[tuple[str, str, str], tuple[float, dict[str, Any] | None]] = {}
+    lock = threading.Lock()
+
+    def read(region: str, namespace: str, name: str) -> dict[str, Any] | None:
+        key = (region, namespace, name)
+        with lock:
+            hit = cache.get(key)
+            if hit and time.monotonic() - hit[0] < 5:
+                return hit[1]
+        try:
+            sa = apis[region].api_client.sanitize_for_serialization(apis[region].read_namespaced_service_account(name, namespace))
+        except Exception:  # noqa: BLE001 - no such account (or the apiserver is away): no credentials
+            sa = None
+        with lock:
+            cache[key] = (time.monotonic(), sa)
+        return sa
+
+    return read
+
+
+def serve(config: dict[str, Any]) -> None:
+    webhook = Webhook(_service_account_reader(config["kubeconfigs"]), config["env"])
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            path = urllib.parse.urlsplit(self.path).path
+            region = path.rstrip("/").rsplit("/", 1)[-1]
+            if not path.startswith("/mutate/") or region not in config["kubeconfigs"]:
+                self.send_error(404)
+                return
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+            answer = json.dumps(webhook.review(region, body)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path == "/healthz":
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"ok")
+            else:
+                self.send_error(404)
+
+        def log_message(self, fmt: str, *args: Any) -> None:
+            sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
+
+    server = ThreadingHTTPServer((config["host"], config["port"]), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(config["cert"], config["key"])
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    server.serve_forever()
+
+
+def webhook_configuration(url: str, ca_bundle: bytes) -> dict[str, Any]:
+    """The MutatingWebhookConfiguration of one region; failurePolicy Ignore, as EKS registers its webhook."""
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "gco-local-pod-identity"},
+        "webhooks": [{
+            "name": WEBHOOK_NAME, "admissionReviewVersions": ["v1"], "sideEffects": "None",
+            "failurePolicy": "Ignore", "timeoutSeconds": 5, "reinvocationPolicy": "IfNeeded",
+            "clientConfig": {"url": url, "caBundle": base64.b64encode(ca_bundle).decode()},
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"],
+                       "scope": "Namespaced"}],
+        }],
+    }
+
+
+if __name__ == "__main__":
+    serve(json.loads(Path(sys.argv[1]).read_text()))
