@@ -636,8 +636,11 @@ class LocalEnv:
             self.identity_port = free_port()
             config = {"host": self.host, "port": self.identity_port, "cert": str(crt), "key": str(key),
                       "kubeconfigs": {r: str(self.kubeconfig(r)) for r in self.apiservers},
-                      "env": {"AWS_ENDPOINT_URL": self.aws_endpoint, "AWS_REGION": LOCAL_AWS_REGION,
-                              "AWS_DEFAULT_REGION": LOCAL_AWS_REGION}}
+                      # moto serves every AWS API here; the Go SDK's web-identity exchange (Pulumi's KMS
+                      # secrets provider) follows only the STS-specific variable, not AWS_ENDPOINT_URL
+                      "env": {"AWS_ENDPOINT_URL": self.aws_endpoint,
+                              **{f"AWS_ENDPOINT_URL_{svc}": self.aws_endpoint for svc in ("STS", "KMS", "S3", "DYNAMODB")},
+                              "AWS_REGION": LOCAL_AWS_REGION, "AWS_DEFAULT_REGION": LOCAL_AWS_REGION}}
             (self.path / "identity-webhook.json").write_text(json.dumps(config, indent=2))
             progress(f"starting the pod-identity webhook on {self.host}:{self.identity_port}")
             self.identity_pid = _spawn([sys.executable, "-m", "gco_infra.localidentity",

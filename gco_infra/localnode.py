@@ -113,6 +113,19 @@ def image_ref(kind: str) -> str:
     raise NodeError(f"no {kind} image in {image_dir() / 'images.tsv'}: run scripts/image build")
 
 
+def archive_digest(archive: Path, ref: str) -> str:
+    """The manifest digest of ``ref`` in an OCI archive (its index.json)."""
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile("index.json")
+        index = json.load(member) if member else {}
+    for m in index.get("manifests", []):
+        if (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") in (ref, ref.rsplit(":", 1)[-1]):
+            return m["digest"]
+    raise NodeError(f"{archive} holds no image {ref} (index.json)")
+
+
 def missing_prerequisites(tools_bin: Path) -> list[str]:
     """What this machine lacks to run a node, each with how to get it."""
     problems = []
@@ -156,6 +169,29 @@ def release_host_address() -> None:
                 parent.rmdir()
             except OSError:
                 pass
+
+
+def leftovers(nodes: list["Node"]) -> list[str]:
+    """What stopped nodes left on the machine (processes, mounts, namespaces, links, routes, dirs)."""
+    found = []
+    mounts = Path("/proc/self/mounts").read_text()
+    links = _links()
+    for node in nodes:
+        found += [f"mount {line.split()[1]}" for line in mounts.splitlines()
+                  if line.split()[1].startswith((node.dir, str(node.run_dir)))]
+        if Path(f"/run/netns/{node.netns}").exists():
+            found.append(f"network namespace {node.netns}")
+        if node.netns in links:
+            found.append(f"link {node.netns}")
+        if node.pod_cidr in _run("ip", "route", "show").stdout:
+            found.append(f"route {node.pod_cidr}")
+        if node.run_dir.exists():
+            found.append(f"dir {node.run_dir}")
+        found += [f"shim pid {p}" for p in node.shim_pids()]
+        for pid in (node.containerd_pid, node.kubelet_pid, node.proxy_pid):
+            if pid and Path(f"/proc/{pid}").exists() and b"zombie" not in Path(f"/proc/{pid}/status").read_bytes().lower():
+                found.append(f"process {pid}")
+    return found
 
 
 @dataclass
@@ -330,15 +366,23 @@ imports = []
         return _run(str(tools_bin() / "ctr"), "--address", str(self.socket), "-n", "k8s.io", *argv,
                     timeout=timeout, check=check)
 
+    def image_digests(self) -> dict[str, str]:
+        """Image reference -> manifest digest, as this node's containerd has them."""
+        lines = self.ctr("images", "ls").stdout.splitlines()[1:]
+        return {cols[0]: cols[2] for cols in (line.split() for line in lines) if len(cols) >= 3}
+
     def import_images(self, wanted: dict[str, Path], progress: Callable[[str], None]) -> None:
-        present = set(self.ctr("images", "ls", "-q").stdout.split())
+        """Import what the node lacks, or has under the same reference with other contents (a
+        rebuilt image keeps its tag)."""
+        present = self.image_digests()
         for ref, archive in wanted.items():
-            if ref in present:
+            digest = archive_digest(archive, ref)
+            if present.get(ref) == digest:
                 continue
             progress(f"importing {ref} into {self.name}")
             self.ctr("images", "import", "--local", str(archive), timeout=600)
-            if ref not in set(self.ctr("images", "ls", "-q").stdout.split()):
-                raise NodeError(f"{archive} imported into {self.name}, but containerd lists no image {ref}")
+            if self.image_digests().get(ref) != digest:
+                raise NodeError(f"{archive} imported into {self.name}, but containerd does not list {ref} at {digest}")
 
     def pod_netns(self) -> set[str]:
         """The network namespaces of this node's pod sandboxes (from containerd's records)."""

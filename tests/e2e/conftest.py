@@ -41,6 +41,34 @@ def env(tmp_path_factory):
     shutil.rmtree(state, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def node_env(tmp_path_factory):
+    """A second local environment whose regions each have a real node (kubelet, containerd, runc, CNI,
+    kube-proxy) running the images scripts/image built; torn down at the end, and checked to leave no
+    process, mount, network namespace or link behind."""
+    from gco_infra import localnode
+
+    problems = localnode.missing_prerequisites(localenv.tools_bin())
+    if problems:
+        pytest.fail("a local node cannot run here: " + "; ".join(problems), pytrace=False)
+    state = tmp_path_factory.mktemp("node-env")
+    e = localenv.LocalEnv.load(state)
+    try:
+        e.up(node=True)
+    except localenv.LocalEnvError as exc:
+        e.down()
+        pytest.fail(f"the local environment with nodes did not start: {exc}", pytrace=False)
+    yield e
+    nodes = [replace(n) for n in e.nodes.values()]  # with their pids, which down clears
+    pod_netns = set().union(*(n.pod_netns() for n in nodes))
+    e.down()
+    assert not any(e.status().values()), "local environment left processes behind"
+    leftovers = localnode.leftovers(nodes) + [f"pod network namespace {ns}" for ns in sorted(pod_netns)
+                                              if (localnode.Path("/run/netns") / ns).exists()]
+    assert not leftovers, f"local down left these behind: {leftovers}"
+    shutil.rmtree(state, ignore_errors=True)
+
+
 def make_runner(env, stacks=("local", "local-2"), **opts) -> Runner:
     settings = [with_local_overrides(settings_from_stack_file(s), str(env.kubeconfig(settings_from_stack_file(s).region)),
                                      env.dynamodb_endpoint, env.table) for s in stacks]

@@ -1,0 +1,3 @@
+module gco-infra.local/pause
+
+go 1.26
