@@ -814,7 +814,7 @@ class LocalEnv:
             return
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if not node.ctr("tasks", "ls", "-q", check=False, timeout=30).stdout.split():
+            if not node.running_tasks():
                 return
             time.sleep(0.5)
 

@@ -384,6 +384,12 @@ imports = []
             if self.image_digests().get(ref) != digest:
                 raise NodeError(f"{archive} imported into {self.name}, but containerd does not list {ref} at {digest}")
 
+    def running_tasks(self) -> list[str]:
+        """Containers (and sandboxes) still running; stopped ones stay listed until removed."""
+        proc = self.ctr("tasks", "ls", check=False, timeout=30)
+        return [cols[0] for cols in (line.split() for line in proc.stdout.splitlines()[1:])
+                if len(cols) >= 3 and cols[2] == "RUNNING"]
+
     def pod_netns(self) -> set[str]:
         """The network namespaces of this node's pod sandboxes (from containerd's records)."""
         result = set()

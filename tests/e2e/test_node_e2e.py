@@ -188,6 +188,18 @@ def test_model_is_synced_from_s3_into_the_endpoints_own_directory(node_env, tick
     assert not {"AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"} & {e.name for e in spec.containers[0].env or []}
 
 
+def endpoint_objects(kube) -> dict[str, str]:
+    """kind/namespace/name -> resourceVersion of every endpoint object of the region."""
+    label = "gco.io/type=inference"
+    found = {}
+    for kind, items in (("Deployment", kube.apps.list_deployment_for_all_namespaces(label_selector=label).items),
+                        ("Service", kube.core.list_service_for_all_namespaces(label_selector=label).items),
+                        ("Ingress", kube.net.list_ingress_for_all_namespaces(label_selector=label).items)):
+        for o in items:
+            found[f"{kind}/{o.metadata.namespace}/{o.metadata.name}"] = o.metadata.resource_version
+    return found
+
+
 def system_logs(api) -> str:
     """The last lines of every gco-system pod's log (what a failed in-cluster test needs to say why)."""
     core = client.CoreV1Api(api)
@@ -235,9 +247,13 @@ def test_runner_and_health_run_as_deployments_from_the_image(node_env, runner, k
         apps.patch_namespaced_deployment_scale(system.RUNNER, system.SYSTEM_NAMESPACE, {"spec": {"replicas": 0}})
         until(lambda: not client.CoreV1Api(api).list_namespaced_pod(
             system.SYSTEM_NAMESPACE, label_selector=f"app={system.RUNNER}").items, "the runner pod to stop", timeout=150)
+        before = endpoint_objects(kube)
         (result,) = runner.tick(force_full=True)
-        assert result.action == "full" and (result.created, result.updated, result.deleted, result.failed) == (0, 0, 0, 0), \
-            result.summary()
+        # nothing to create, delete or change; the one update allowed is the stack's provider, whose
+        # credentials differ (the pod's ServiceAccount, the host's kubeconfig: an in-place update)
+        assert result.action == "full" and (result.created, result.deleted, result.failed) == (0, 0, 0) \
+            and result.updated <= 1, result.summary()
+        assert endpoint_objects(kube) == before
     finally:
         for name in (system.RUNNER, system.HEALTH):
             try:
