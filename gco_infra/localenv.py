@@ -25,6 +25,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -59,6 +60,9 @@ STATE_BUCKET = "gco-infra-state"
 KMS_ALIAS = "alias/gco-infra-state"
 """The alias production's stack files name in their secretsprovider; local stacks declare it too."""
 LOCAL_AWS_REGION = "us-east-1"
+
+
+_SAVE_LOCK = threading.Lock()
 
 
 class LocalEnvError(RuntimeError):
@@ -221,10 +225,11 @@ class LocalEnv:
         return cls(**raw)
 
     def save(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.path / "state.json.tmp"
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.replace(self.path / "state.json")
+        with _SAVE_LOCK:  # nodes start in threads
+            self.path.mkdir(parents=True, exist_ok=True)
+            tmp = self.path / "state.json.tmp"
+            tmp.write_text(json.dumps(asdict(self), indent=2))
+            tmp.replace(self.path / "state.json")
 
     @property
     def path(self) -> Path:
@@ -694,12 +699,19 @@ class LocalEnv:
             taken = {n.slot for n in self.nodes.values()}
             node = Node(region=region, slot=localnode.free_slot(taken), dir=str(self.node_dir(region)))
             self.nodes[region] = node
-            self.save()
-            try:
-                self._start_node(node, images, progress)
-            except NodeError as exc:
-                raise LocalEnvError(f"node {node.name}: {exc}") from exc
             started.append(node)
+        self.save()
+        # the nodes start side by side (importing the images is most of a node's start)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, len(started))) as pool:
+            futures = {node.name: pool.submit(self._start_node, node, images, progress) for node in started}
+        for name, future in futures.items():
+            try:
+                future.result()
+            except NodeError as exc:
+                raise LocalEnvError(f"node {name}: {exc}") from exc
+        self.save()
         for node in started:
             self._wait_for_node(node)
             self._ensure_model_volume(node)
@@ -809,7 +821,9 @@ class LocalEnv:
         try:
             pods = core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node.name}").items
             for pod in pods:
-                core.delete_namespaced_pod(pod.metadata.name, pod.metadata.namespace, grace_period_seconds=0)
+                # a 1 s grace, not a forced delete: the kubelet kills a force-deleted pod with the grace
+                # period of its spec (the runner's is 120 s)
+                core.delete_namespaced_pod(pod.metadata.name, pod.metadata.namespace, grace_period_seconds=1)
         except Exception:  # noqa: BLE001 - the forced path below still removes everything
             return
         deadline = time.monotonic() + 60
@@ -833,9 +847,14 @@ class LocalEnv:
         from .localnode import release_host_address
 
         release_host_address()
-        for region, api in self.apiservers.items():
-            progress(f"stopping the control plane of {region}")
-            self._stop_region(api)
+        if self.apiservers:
+            progress(f"stopping the control planes of {', '.join(self.apiservers)}")
+            # side by side: an apiserver takes up to its stop timeout to give up on its shutdown
+            # housekeeping (it deletes its lease through its own, already closed, listener)
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=len(self.apiservers)) as pool:
+                list(pool.map(self._stop_region, self.apiservers.values()))
         progress("stopping etcd")
         stop_pid(self.etcd_pid, "etcd")
         progress("stopping DynamoDB (moto server)")

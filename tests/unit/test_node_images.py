@@ -26,3 +26,12 @@ def test_the_aws_cli_image_shares_the_project_pins_of_its_dependencies():
     shared = {name: (aws[name], project[name]) for name in aws.keys() & project.keys()}
     assert shared, "no package in common: the comparison would prove nothing"
     assert {name: v for name, v in shared.items() if v[0] != v[1]} == {}
+
+
+def test_local_stacks_name_the_aws_cli_image_scripts_image_builds():
+    import yaml
+
+    tag = pins(ROOT / "images/aws-cli/requirements.txt")["awscli"]
+    for stack in ("local", "local-2"):
+        config = yaml.safe_load((ROOT / f"stacks/Pulumi.{stack}.yaml").read_text())["config"]
+        assert config["gco:modelSyncImage"] == f"localhost/gco-infra/aws-cli:{tag}", stack
