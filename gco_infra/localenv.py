@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .localnode import HOST_ADDRESS, Node, NodeError
+from .localnode import HOST_ADDRESS, Node, NodeError, write_private
 from .store import DEFAULT_TABLE, EndpointStore, StoreConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -362,9 +362,7 @@ class LocalEnv:
             if node and f"pod identity" not in result:
                 result["pod identity"] = _alive(self.identity_pid, "gco_infra.localidentity")
             if node:
-                result[f"node {node.name}"] = all(_alive(p, m) for p, m in (
-                    (node.containerd_pid, "containerd"), (node.kubelet_pid, "kubelet"),
-                    (node.proxy_pid, "kube-proxy"))) and self.node_ready(node)
+                result[f"node {node.name}"] = self._node_running(node) and self.node_ready(node)
         return result
 
     # ---- up / down ---------------------------------------------------------------------------------------
@@ -391,7 +389,13 @@ class LocalEnv:
             except NodeError as exc:
                 raise LocalEnvError(str(exc)) from exc
         if not _alive(self.etcd_pid, "etcd"):
-            self.host = HOST_ADDRESS if self.node else "127.0.0.1"
+            host = HOST_ADDRESS if self.node else "127.0.0.1"
+            if host != self.host:  # the apiservers' serving certificates name the old address
+                for certs in self.path.glob("certs-*"):
+                    shutil.rmtree(certs, ignore_errors=True)
+                if _alive(self.moto_pid, "moto_server"):
+                    stop_pid(self.moto_pid, "moto_server")
+            self.host = host
         if backend and backend != self.backend:
             if backend not in STATE_BACKENDS:
                 raise LocalEnvError(f"backend must be one of {', '.join(STATE_BACKENDS)}, got {backend!r}")
@@ -450,6 +454,7 @@ class LocalEnv:
             shutil.rmtree(self.pulumi_project, ignore_errors=True)  # its keys belonged to the old state
         self.write_pulumi_project()
 
+        restarted = set()
         for region in regions:
             api = self.apiservers.get(region)
             if api and _alive(api.pid, "kube-apiserver"):
@@ -458,14 +463,15 @@ class LocalEnv:
                 if api:  # its controllers would keep talking to a port nobody serves
                     self._stop_region(api)
                 api = self._start_apiserver(region, binaries["kube-apiserver"], progress)
+                restarted.add(region)
             self._start_controllers(api, binaries, progress)
         self.save()
         for region in regions:
             self._wait_for_controllers(self.apiservers[region])
             self._ensure_platform_objects(region)
         if self.node:
-            self._start_identity_webhook(regions, progress)
-            self._start_nodes(regions, progress)
+            self._start_identity_webhook(regions, progress, restart=bool(restarted))
+            self._start_nodes(regions, progress, restarted)
 
     def _start_apiserver(self, region: str, binary: Path, progress: Callable[[str], None]) -> ApiServer:
         api = ApiServer(region=region, port=free_port(), host=self.host)
@@ -574,11 +580,10 @@ class LocalEnv:
             from cryptography.hazmat.primitives.asymmetric import rsa
 
             k = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-            key.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                            serialization.NoEncryption()))
+            write_private(key, k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                               serialization.NoEncryption()))
             pub.write_bytes(k.public_key().public_bytes(serialization.Encoding.PEM,
                                                         serialization.PublicFormat.SubjectPublicKeyInfo))
-            key.chmod(0o600)
         tokens = self.path / "tokens.csv"
         # The controller manager and scheduler authenticate as their own system users, whose
         # rights are the apiserver's bootstrap roles, as on a real control plane.
@@ -588,8 +593,7 @@ class LocalEnv:
         # each node's kubelet as system:node:<name> (the Node authorizer's identity), as on EKS
         lines += [f'{self._component_token(f"node:{r}-node")},system:node:{r}-node,system:node:{r}-node,"system:nodes"'
                   for r in REGIONS]
-        tokens.write_text("\n".join(lines) + "\n")
-        tokens.chmod(0o600)
+        write_private(tokens, "\n".join(lines) + "\n")
 
     def _write_kubeconfig(self, api: ApiServer, user: str = "gco-admin", token: str | None = None,
                           path: Path | None = None) -> None:
@@ -603,8 +607,7 @@ class LocalEnv:
             "users": [{"name": user, "user": {"token": token or self.admin_token}}],
         }
         path = path or self.kubeconfig(api.region)
-        path.write_text(json.dumps(cfg, indent=2))
-        path.chmod(0o600)
+        write_private(path, json.dumps(cfg, indent=2))
 
     def ca_file(self, region: str) -> Path:
         return self.path / f"certs-{region}" / "apiserver.crt"
@@ -630,16 +633,20 @@ class LocalEnv:
             apply_object(api, obj)
 
     # ---- pod credentials -----------------------------------------------------------------------------------
-    def _start_identity_webhook(self, regions: Iterable[str], progress: Callable[[str], None]) -> None:
+    def _start_identity_webhook(self, regions: Iterable[str], progress: Callable[[str], None], *,
+                                restart: bool = False) -> None:
         """Pods get AWS credentials as on EKS: from the IAM role their ServiceAccount names (localidentity).
         The roles exist in moto; the inference pods' account gets the model-sync role, the runner's
         and health job's accounts their own."""
         from . import localidentity, system
 
+        if restart:  # its clients talk to the apiservers it started with
+            stop_pid(self.identity_pid, "gco_infra.localidentity")
         if not _alive(self.identity_pid, "gco_infra.localidentity"):
-            ca, crt, key = localidentity.serving_pki(self.path, [self.host, "127.0.0.1"])
+            ca, crt, key = localidentity.serving_pki(self.path, ["127.0.0.1"])
             self.identity_port = free_port()
-            config = {"host": self.host, "port": self.identity_port, "cert": str(crt), "key": str(key),
+            # on loopback only: the apiservers call it, pods have no business with it
+            config = {"host": "127.0.0.1", "port": self.identity_port, "cert": str(crt), "key": str(key),
                       "kubeconfigs": {r: str(self.kubeconfig(r)) for r in self.apiservers},
                       # moto serves every AWS API here; the Go SDK's web-identity exchange (Pulumi's KMS
                       # secrets provider) follows only the STS-specific variable, not AWS_ENDPOINT_URL
@@ -647,12 +654,12 @@ class LocalEnv:
                               **{f"AWS_ENDPOINT_URL_{svc}": self.aws_endpoint for svc in ("STS", "KMS", "S3", "DYNAMODB")},
                               "AWS_REGION": LOCAL_AWS_REGION, "AWS_DEFAULT_REGION": LOCAL_AWS_REGION}}
             (self.path / "identity-webhook.json").write_text(json.dumps(config, indent=2))
-            progress(f"starting the pod-identity webhook on {self.host}:{self.identity_port}")
+            progress(f"starting the pod-identity webhook on 127.0.0.1:{self.identity_port}")
             self.identity_pid = _spawn([sys.executable, "-m", "gco_infra.localidentity",
                                         str(self.path / "identity-webhook.json")], self.path / "identity-webhook.log")
             self.save()
             ctx = ssl.create_default_context(cafile=str(ca))
-            _wait(lambda: _http_ok(f"https://{self.host}:{self.identity_port}/healthz", ctx=ctx),
+            _wait(lambda: _http_ok(f"https://127.0.0.1:{self.identity_port}/healthz", ctx=ctx),
                   "pod-identity webhook", 30, self.identity_pid, self.path / "identity-webhook.log")
         ca_bundle = (self.path / "identity-webhook-ca.crt").read_bytes()
         iam = self._aws("iam")
@@ -668,7 +675,7 @@ class LocalEnv:
         for region in regions:
             api = self.kube(region)
             apply_object(api, localidentity.webhook_configuration(
-                f"https://{self.host}:{self.identity_port}/mutate/{region}", ca_bundle))
+                f"https://127.0.0.1:{self.identity_port}/mutate/{region}", ca_bundle))
             accounts = [(ns, INFERENCE_SERVICE_ACCOUNT, arns["model-sync"]) for ns in NAMESPACES]
             accounts += [(SYSTEM_NAMESPACE, system.RUNNER, arns["runner"]), (SYSTEM_NAMESPACE, system.HEALTH, arns["health"])]
             from kubernetes import client
@@ -682,25 +689,31 @@ class LocalEnv:
     def node_dir(self, region: str) -> Path:
         return self.path / f"node-{region}"
 
-    def _start_nodes(self, regions: Iterable[str], progress: Callable[[str], None]) -> None:
+    def _node_running(self, node: Node) -> bool:
+        return all(_alive(pid, node.marker(c)) for pid, c in (
+            (node.containerd_pid, "containerd"), (node.kubelet_pid, "kubelet"), (node.proxy_pid, "kube-proxy")))
+
+    def _start_nodes(self, regions: Iterable[str], progress: Callable[[str], None], restarted: set[str]) -> None:
         from . import localnode
 
         images = localnode.images()
         started = []
         for region in regions:
             node = self.nodes.get(region)
-            if node and _alive(node.kubelet_pid, "kubelet") and _alive(node.containerd_pid, "containerd") \
-                    and _alive(node.proxy_pid, "kube-proxy"):
+            if node and region not in restarted and self._node_running(node):
                 progress(f"node {node.name} already running")
                 node.import_images(images, progress)  # images built since it started
                 continue
-            if node:  # partly running: start it again from a clean slate
-                self._stop_node(node, self.apiservers[region], progress)
-            taken = {n.slot for n in self.nodes.values()}
-            node = Node(region=region, slot=localnode.free_slot(taken), dir=str(self.node_dir(region)))
+            if node:  # partly running, or its apiserver is new: start it again from a clean slate
+                self._stop_node(node, self.apiservers.get(region), progress)
+                del self.nodes[region]
+                self.save()
+            node = Node(region=region, slot=localnode.claim_slot(), dir=str(self.node_dir(region)))
             self.nodes[region] = node
             started.append(node)
         self.save()
+        if started:
+            localnode.save_kernel_settings()  # the kubelet changes some; the last node's stop gives them back
         # the nodes start side by side (importing the images is most of a node's start)
         from concurrent.futures import ThreadPoolExecutor
 
@@ -709,12 +722,12 @@ class LocalEnv:
         for name, future in futures.items():
             try:
                 future.result()
-            except NodeError as exc:
+            except (NodeError, OSError, subprocess.SubprocessError) as exc:
                 raise LocalEnvError(f"node {name}: {exc}") from exc
         self.save()
-        for node in started:
-            self._wait_for_node(node)
-            self._ensure_model_volume(node)
+        for region in regions:
+            self._wait_for_node(self.nodes[region])
+            self._ensure_model_volume(self.nodes[region])
 
     def _start_node(self, node: Node, images: dict[str, Path], progress: Callable[[str], None]) -> None:
         from .localnode import image_ref
@@ -727,6 +740,10 @@ class LocalEnv:
                           kubelet_token=self._component_token(f"node:{node.name}"),
                           proxy_token=self._component_token("kube-proxy"))
         shutil.copy(self.path / "kubelet-client-ca.crt", node.path / "kubelet-client-ca.crt")
+        (node.path / "cni" / "ipam").mkdir(parents=True, exist_ok=True)
+        for lease in (node.path / "cni" / "ipam").rglob("*"):  # addresses of pods a forced stop left
+            if lease.is_file():
+                lease.unlink()
         env = {**os.environ, "PATH": f"{tools_bin()}{os.pathsep}{os.environ.get('PATH', '')}"}  # the shim
         node.containerd_pid = _spawn(node.nsenter(str(tools_bin() / "containerd"), "--config",
                                                   str(node.path / "containerd.toml"), "--log-level", "warn"),
@@ -788,17 +805,18 @@ class LocalEnv:
         """Stop a node and leave nothing behind: pods (their network namespaces), processes, mounts,
         the node's network namespace and veth, cgroups."""
         progress(f"stopping node {node.name}")
-        if _alive(node.kubelet_pid, "kubelet") and _alive(node.containerd_pid, "containerd"):
+        if _alive(node.kubelet_pid, node.marker("kubelet")) and _alive(node.containerd_pid, node.marker("containerd")):
             self._drain(node, api)
-        stop_pid(node.kubelet_pid, "kubelet")
-        stop_pid(node.proxy_pid, "kube-proxy")
+        stop_pid(node.kubelet_pid, node.marker("kubelet"))
+        stop_pid(node.proxy_pid, node.marker("kube-proxy"))
         pod_netns: set[str] = set()
         ids: set[str] = set()
-        if _alive(node.containerd_pid, "containerd"):
+        if _alive(node.containerd_pid, node.marker("containerd")):
             pod_netns = node.pod_netns()
             ids = set(node.ctr("containers", "ls", "-q", check=False, timeout=30).stdout.split())
             node.kill_containers()
-        stop_pid(node.containerd_pid, "containerd")
+        stop_pid(node.containerd_pid, node.marker("containerd"))
+        ids |= node.kill_with_runc()  # what a dead containerd's shims still run
         for pid in node.shim_pids():
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -833,20 +851,20 @@ class LocalEnv:
             time.sleep(0.5)
 
     def down(self, progress: Callable[[str], None] = lambda s: None, *, wipe: bool = False) -> None:
-        for region, api in self.apiservers.items():
-            node = self.nodes.get(region)
-            if node:
-                # no new pods while the node's are stopped and removed
+        if self.nodes and os.geteuid() != 0:
+            raise LocalEnvError("this environment has nodes: stop it as root (they own network namespaces, "
+                                "mounts and cgroups)")
+        for region, node in list(self.nodes.items()):
+            api = self.apiservers.get(region)
+            if api:  # no new pods while the node's are stopped and removed
                 stop_pid(api.scheduler_pid, "kube-scheduler")
                 stop_pid(api.controller_manager_pid, "kube-controller-manager")
-                self._stop_node(node, api, progress)
-        self.nodes = {}
+            self._stop_node(node, api, progress)
+            del self.nodes[region]
+            self.save()
         stop_pid(self.identity_pid, "gco_infra.localidentity")
         self.identity_pid = None
         self.save()
-        from .localnode import release_host_address
-
-        release_host_address()
         if self.apiservers:
             progress(f"stopping the control planes of {', '.join(self.apiservers)}")
             # side by side: an apiserver takes up to its stop timeout to give up on its shutdown
@@ -860,6 +878,10 @@ class LocalEnv:
         progress("stopping DynamoDB (moto server)")
         stop_pid(self.moto_pid, "moto_server")
         self.etcd_pid = self.moto_pid = None
+        if self.host == HOST_ADDRESS:
+            from .localnode import release_host
+
+            release_host()
         if wipe:
             shutil.rmtree(self.path, ignore_errors=True)
         else:

@@ -63,9 +63,10 @@ def serving_pki(directory: Path, ips: list[str]) -> tuple[Path, Path, Path]:
             .sign(ca_key, hashes.SHA256()))
     ca_crt.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     crt.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    key.write_bytes(leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key.chmod(0o600)
+    from .localnode import write_private
+
+    write_private(key, leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
     return ca_crt, crt, key
 
 
@@ -137,9 +138,13 @@ def _service_account_reader(kubeconfigs: dict[str, str]) -> Callable[[str, str, 
             hit = cache.get(key)
             if hit and time.monotonic() - hit[0] < 5:
                 return hit[1]
+        from kubernetes.client import ApiException
+
         try:
             sa = apis[region].api_client.sanitize_for_serialization(apis[region].read_namespaced_service_account(name, namespace))
-        except Exception:  # noqa: BLE001 - no such account (or the apiserver is away): no credentials
+        except ApiException as exc:
+            if exc.status != 404:
+                raise  # the apiserver is away: nothing cached, the admission fails open as on EKS
             sa = None
         with lock:
             cache[key] = (time.monotonic(), sa)
@@ -177,11 +182,23 @@ def serve(config: dict[str, Any]) -> None:
         def log_message(self, fmt: str, *args: Any) -> None:
             sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
 
-    server = ThreadingHTTPServer((config["host"], config["port"]), Handler)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(config["cert"], config["key"])
-    server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    server.serve_forever()
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def finish_request(self, request, client_address) -> None:
+            # the TLS handshake in the request's own thread, bounded: one idle connection never holds
+            # up the admission of every other pod
+            request.settimeout(10)
+            try:
+                conn = ctx.wrap_socket(request, server_side=True)
+            except (ssl.SSLError, OSError):
+                return
+            self.RequestHandlerClass(conn, client_address, self)
+
+    Server((config["host"], config["port"]), Handler).serve_forever()
 
 
 def webhook_configuration(url: str, ca_bundle: bytes) -> dict[str, Any]:

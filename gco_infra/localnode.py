@@ -43,6 +43,45 @@ class NodeError(RuntimeError):
     pass
 
 
+def write_private(path: Path, data: bytes | str) -> None:
+    """Write a key, token or kubeconfig readable by its owner only, from the first byte."""
+    raw = data.encode() if isinstance(data, str) else data
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(raw)
+    os.chmod(path, 0o600)
+
+
+KERNEL_SETTINGS = ("kernel/panic", "kernel/panic_on_oops", "vm/overcommit_memory", "vm/panic_on_oom",
+                   "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes")
+"""Host-wide sysctls the kubelet sets to its own expectations at start (protectKernelDefaults off)."""
+SAVED_KERNEL_SETTINGS = Path("/run/gco-infra-kernel-settings.json")
+
+
+def save_kernel_settings() -> None:
+    """Record the host's values before the first node's kubelet changes them (restore_kernel_settings)."""
+    if SAVED_KERNEL_SETTINGS.exists():
+        return
+    values = {}
+    for key in KERNEL_SETTINGS:
+        try:
+            values[key] = (Path("/proc/sys") / key).read_text().strip()
+        except OSError:
+            pass
+    SAVED_KERNEL_SETTINGS.write_text(json.dumps(values))
+
+
+def restore_kernel_settings() -> None:
+    if not SAVED_KERNEL_SETTINGS.exists():
+        return
+    for key, value in json.loads(SAVED_KERNEL_SETTINGS.read_text()).items():
+        try:
+            (Path("/proc/sys") / key).write_text(value)
+        except OSError:
+            pass
+    SAVED_KERNEL_SETTINGS.unlink(missing_ok=True)
+
+
 def kubelet_client_pki(directory: Path) -> tuple[Path, Path, Path]:
     """(CA, certificate, key): the apiserver's client certificate for kubelets, and the CA kubelets
     trust for it (kubelet-client-ca.crt); made once per environment."""
@@ -72,9 +111,8 @@ def kubelet_client_pki(directory: Path) -> tuple[Path, Path, Path]:
               .sign(ca_key, hashes.SHA256()))
     ca_crt.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     crt.write_bytes(client.public_bytes(serialization.Encoding.PEM))
-    key.write_bytes(client_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                             serialization.NoEncryption()))
-    key.chmod(0o600)
+    write_private(key, client_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))
     return ca_crt, crt, key
 
 
@@ -145,40 +183,61 @@ def _links() -> set[str]:
     return {m.group(1) for m in re.finditer(r"^\d+: ([^:@]+)", _run("ip", "-o", "link", "show").stdout, re.M)}
 
 
-def free_slot(taken: set[int] = frozenset()) -> int:
-    """The lowest slot no node of any local environment on this machine uses."""
+def claim_slot() -> int:
+    """The lowest slot no node of any local environment on this machine uses, claimed by creating its
+    run dir (atomic: two environments starting at once never share a slot)."""
     used = {int(m.group(1)) for name in _links() if (m := re.fullmatch(r"gco-n(\d+)", name))}
     used |= {int(m.group(1)) for p in Path("/run/netns").glob("gco-n*") if (m := re.fullmatch(r"gco-n(\d+)", p.name))}
     for slot in range(SLOTS):
-        if slot not in used and slot not in taken:
-            return slot
-    raise NodeError(f"all {SLOTS} node slots are in use (ip link show | grep gco-n)")
+        if slot in used:
+            continue
+        try:
+            os.mkdir(f"/run/gco-n{slot}", 0o700)
+        except FileExistsError:
+            continue
+        return slot
+    raise NodeError(f"all {SLOTS} node slots are in use (ip link show | grep gco-n; ls -d /run/gco-n*)")
 
 
 def ensure_host_address() -> None:
-    if HOST_ADDRESS not in _run("ip", "-o", "addr", "show", "dev", "lo").stdout:
+    if f" {HOST_ADDRESS}/32 " not in _run("ip", "-o", "addr", "show", "dev", "lo").stdout:
         _run("ip", "addr", "add", f"{HOST_ADDRESS}/32", "dev", "lo")
 
 
-def release_host_address() -> None:
-    """Drop HOST_ADDRESS, and containerd's empty k8s.io cgroups, once no node of any environment is left."""
-    if not any(re.fullmatch(r"gco-n\d+", n) for n in _links()):
-        _run("ip", "addr", "del", f"{HOST_ADDRESS}/32", "dev", "lo", check=False)
-        for parent in Path("/sys/fs/cgroup").glob("*/k8s.io"):
-            try:
-                parent.rmdir()
-            except OSError:
-                pass
+def _listening(address: str) -> bool:
+    """Whether any process listens on ``address`` (TCP, /proc/net/tcp)."""
+    want = "".join(f"{int(b):02X}" for b in reversed(address.split(".")))
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        cols = line.split()
+        if cols[1].split(":")[0] == want and cols[3] == "0A":
+            return True
+    return False
 
 
-def leftovers(nodes: list["Node"]) -> list[str]:
-    """What stopped nodes left on the machine (processes, mounts, namespaces, links, routes, dirs)."""
-    found = []
+def release_host() -> None:
+    """Once no node of any environment is left and nothing listens on HOST_ADDRESS: drop the address,
+    containerd's empty k8s.io cgroups, and give the host back the kernel settings the kubelets changed."""
+    if any(re.fullmatch(r"gco-n\d+", n) for n in _links()) or _listening(HOST_ADDRESS):
+        return
+    _run("ip", "addr", "del", f"{HOST_ADDRESS}/32", "dev", "lo", check=False)
+    for parent in Path("/sys/fs/cgroup").glob("*/k8s.io"):
+        try:
+            parent.rmdir()
+        except OSError:
+            pass
+    restore_kernel_settings()
+
+
+def leftovers(nodes: list["Node"], containers: set[str] = frozenset(), pod_netns: set[str] = frozenset()) -> list[str]:
+    """What stopped nodes left on the machine: processes, mounts, network namespaces (the nodes' and
+    their pods'), links, routes, run dirs, the containers' cgroups and processes."""
+    found = [f"pod network namespace {p}" for p in sorted(pod_netns) if Path(p).exists()]
+    found += [f"cgroup {d}" for cid in sorted(containers) for d in Path("/sys/fs/cgroup").glob(f"*/k8s.io/{cid}")]
     mounts = Path("/proc/self/mounts").read_text()
     links = _links()
     for node in nodes:
         found += [f"mount {line.split()[1]}" for line in mounts.splitlines()
-                  if line.split()[1].startswith((node.dir, str(node.run_dir)))]
+                  if (line.split()[1] + "/").startswith((node.dir + "/", f"{node.run_dir}/"))]
         if Path(f"/run/netns/{node.netns}").exists():
             found.append(f"network namespace {node.netns}")
         if node.netns in links:
@@ -230,6 +289,12 @@ class Node:
     def path(self) -> Path:
         return Path(self.dir)
 
+    def marker(self, component: str) -> str:
+        """What identifies this node's process in its command line (its own config file), never a
+        system containerd or kubelet that reused a recorded pid."""
+        return str(self.path / {"containerd": "containerd.toml", "kubelet": "kubelet.yaml",
+                                "kube-proxy": "kube-proxy.yaml"}[component])
+
     @property
     def run_dir(self) -> Path:
         """Short paths for sockets (unix socket paths are limited to 108 bytes)."""
@@ -261,8 +326,10 @@ class Node:
         _run(*self.nsenter("sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"))
 
     def delete_network(self, pod_netns: set[str]) -> None:
-        for ns in sorted(pod_netns):
-            _run("ip", "netns", "delete", ns, check=False)
+        for path in sorted(pod_netns):
+            if os.path.ismount(path):
+                _run("umount", path, check=False)
+            Path(path).unlink(missing_ok=True)
         _run("ip", "netns", "delete", self.netns, check=False)  # takes eth0, its peer and the routes with it
         if self.netns in _links():
             _run("ip", "link", "delete", self.netns, check=False)
@@ -296,6 +363,8 @@ imports = []
 [plugins."io.containerd.cri.v1.runtime"]
   # root here lacks CAP_SYS_RESOURCE: runc could not set the kubelet's negative oom_score_adj
   restrict_oom_score_adj = true
+  # pods' network namespaces under the node's state dir (not /run/netns), removed with it
+  netns_mounts_under_state_dir = true
   [plugins."io.containerd.cri.v1.runtime".containerd]
     default_runtime_name = "runc"
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
@@ -355,9 +424,7 @@ imports = []
                    "clusters": [{"name": "local", "cluster": {"server": apiserver, "certificate-authority-data": ca_data}}],
                    "contexts": [{"name": "node", "context": {"cluster": "local", "user": user}}],
                    "users": [{"name": user, "user": {"token": token}}]}
-            f = self.path / file
-            f.write_text(json.dumps(cfg, indent=2))
-            f.chmod(0o600)
+            write_private(self.path / file, json.dumps(cfg, indent=2))
 
     # ---- processes --------------------------------------------------------------------------------------
     def ctr(self, *argv: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -391,12 +458,12 @@ imports = []
                 if len(cols) >= 3 and cols[2] == "RUNNING"]
 
     def pod_netns(self) -> set[str]:
-        """The network namespaces of this node's pod sandboxes (from containerd's records)."""
+        """The network namespaces (bind-mount paths) of this node's pod sandboxes, from containerd's records."""
         result = set()
         proc = self.ctr("containers", "ls", "-q", check=False, timeout=30)
         for cid in proc.stdout.split() if proc.returncode == 0 else []:
             info = self.ctr("containers", "info", cid, check=False, timeout=30)
-            for m in re.finditer(r'"path":\s*"/(?:var/)?run/netns/(cni-[0-9a-f-]+)"', info.stdout):
+            for m in re.finditer(r'"path":\s*"([^"]*/netns/cni-[0-9a-f-]+)"', info.stdout):
                 result.add(m.group(1))
         return result
 
@@ -413,6 +480,19 @@ imports = []
         proc = self.ctr("containers", "ls", "-q", check=False, timeout=30)
         for cid in proc.stdout.split() if proc.returncode == 0 else []:
             self.ctr("containers", "rm", cid, check=False, timeout=30)
+
+    def kill_with_runc(self) -> set[str]:
+        """Kill and delete every container runc knows for this node (containerd may be gone; its shims
+        would otherwise leave the containers running); returns their ids."""
+        root = self.run_dir / "runc" / "k8s.io"
+        if not root.is_dir():
+            return set()
+        ids = set(_run(str(RUNC), "--root", str(root), "list", "-q", check=False).stdout.split())
+        for cid in ids:
+            _run(str(RUNC), "--root", str(root), "kill", cid, "KILL", check=False)
+        for cid in ids:
+            _run(str(RUNC), "--root", str(root), "delete", "--force", cid, check=False)
+        return ids
 
     def shim_pids(self) -> list[int]:
         """containerd-shim-runc-v2 processes serving this node's containerd (they outlive it)."""

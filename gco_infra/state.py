@@ -54,27 +54,29 @@ def engine_env(env: Mapping[str, str]) -> dict[str, str]:
     """The environment for the engine: an existing stack keeps the secrets provider of its state, and
     a refresh uses the Kubernetes provider the program declares now (its credentials: the pod's
     ServiceAccount in a cluster, a kubeconfig on a host), not the one recorded by whoever applied last."""
-    return {**env, FALLBACK: "true", RUN_PROGRAM: "true", "TMPDIR": engine_tmp()}
+    return {**env, FALLBACK: "true", RUN_PROGRAM: "true", "TMPDIR": engine_tmp(env.get("PULUMI_BACKEND_URL", ""))}
 
 
-def engine_tmp() -> str:
+def engine_tmp(backend: str = "") -> str:
     """The engine's TMPDIR, inside this process's project copy: the Kubernetes provider writes a
     kubeconfig file there for every start and never removes it (cleared by ``clear_engine_tmp``)."""
-    path = Path(project_dir()) / "tmp"
+    path = Path(project_dir(backend)) / "tmp"
     path.mkdir(exist_ok=True)
     return str(path)
 
 
 def clear_engine_tmp() -> int:
-    """Remove what earlier operations of this process left in the engine's TMPDIR (call between
+    """Remove what earlier operations of this process left in the engines' TMPDIRs (call between
     operations: a process runs one at a time). Returns how many entries were removed."""
     removed = 0
-    for entry in Path(engine_tmp()).iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed += 1
+    pid = os.getpid()
+    for backend in [b for p, b in _PROJECT if p == pid] or [""]:
+        for entry in Path(engine_tmp(backend)).iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
     return removed
 
 
@@ -89,17 +91,19 @@ def write_project(dest: Path, root: Path = PROJECT_ROOT) -> Path:
     return dest
 
 
-_PROJECT: dict[int, Path] = {}
+_PROJECT: dict[tuple[int, str], Path] = {}
 
 
-def project_dir() -> str:
-    """This process's private, writable copy of the project (see the module docstring)."""
-    pid = os.getpid()
-    if pid not in _PROJECT:
+def project_dir(backend: str = "") -> str:
+    """This process's private, writable copy of the project (see the module docstring), one per state
+    backend: the engine writes a stack's data key, encrypted for that backend's KMS key, into the
+    copy's stack file, where the same stack of another backend must not find it."""
+    key = (os.getpid(), backend)
+    if key not in _PROJECT:
         path = Path(tempfile.mkdtemp(prefix="gco-infra-engine-"))
-        _PROJECT[pid] = write_project(path)
+        _PROJECT[key] = write_project(path)
         atexit.register(shutil.rmtree, path, True)
-    return str(_PROJECT[pid])
+    return str(_PROJECT[key])
 
 
 def declared_secrets_provider(stack: str, env: Mapping[str, str] | None = None, root: Path = PROJECT_ROOT) -> str | None:
@@ -118,7 +122,7 @@ def workspace_options(stack: str, env: Mapping[str, str]) -> Any:
     """LocalWorkspaceOptions for one stack: the private project, and the declared provider for a new stack."""
     from pulumi import automation as auto
 
-    return auto.LocalWorkspaceOptions(work_dir=project_dir(), env_vars=engine_env(env),
+    return auto.LocalWorkspaceOptions(work_dir=project_dir(env.get("PULUMI_BACKEND_URL", "")), env_vars=engine_env(env),
                                       secrets_provider=declared_secrets_provider(stack, env))
 
 
@@ -126,7 +130,7 @@ def workspace(env: Mapping[str, str]) -> Any:
     from pulumi import automation as auto
 
     os.environ.update(engine_env(env))
-    return auto.LocalWorkspace(work_dir=project_dir(), env_vars=engine_env(env))
+    return auto.LocalWorkspace(work_dir=project_dir(env.get("PULUMI_BACKEND_URL", "")), env_vars=engine_env(env))
 
 
 def secrets_mismatch(stack: str, deployment: Mapping[str, Any], env: Mapping[str, str]) -> str | None:

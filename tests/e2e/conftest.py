@@ -61,10 +61,11 @@ def node_env(tmp_path_factory):
     yield e
     nodes = [replace(n) for n in e.nodes.values()]  # with their pids, which down clears
     pod_netns = set().union(*(n.pod_netns() for n in nodes))
+    containers = set().union(*(set(n.ctr("containers", "ls", "-q").stdout.split()) for n in nodes))
+    assert pod_netns and containers, "the node tests left no pod to clean up: the teardown check would prove nothing"
     e.down()
     assert not any(e.status().values()), "local environment left processes behind"
-    leftovers = localnode.leftovers(nodes) + [f"pod network namespace {ns}" for ns in sorted(pod_netns)
-                                              if (localnode.Path("/run/netns") / ns).exists()]
+    leftovers = localnode.leftovers(nodes, containers, pod_netns)
     assert not leftovers, f"local down left these behind: {leftovers}"
     shutil.rmtree(state, ignore_errors=True)
 

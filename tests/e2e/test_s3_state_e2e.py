@@ -54,7 +54,7 @@ def _secrets(value):
 
 def _pulumi(env, *args):
     """The CLI in the engine's private project copy, as the runner runs it."""
-    proc = subprocess.run(["pulumi", *args, "--non-interactive"], cwd=state.project_dir(),
+    proc = subprocess.run(["pulumi", *args, "--non-interactive"], cwd=state.project_dir(env.backend_url),
                           env={**os.environ, **state.engine_env(env.pulumi_env())},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr

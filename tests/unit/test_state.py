@@ -99,3 +99,11 @@ def test_the_engines_temporary_files_do_not_pile_up():
     (tmp / "plugin-dir" / "f").write_text("x")
     assert state.clear_engine_tmp() == 2
     assert list(tmp.iterdir()) == [] and (Path(state.project_dir()) / "stacks").is_dir()
+
+
+def test_each_backend_gets_its_own_project_copy():
+    """A stack's data key, encrypted for one backend's KMS key, never reaches the same stack of another
+    backend (one process, two local environments)."""
+    a, b = state.project_dir("s3://one"), state.project_dir("s3://two")
+    assert a != b and state.project_dir("s3://one") == a
+    assert state.engine_env({"PULUMI_BACKEND_URL": "s3://two"})["TMPDIR"] == str(Path(b) / "tmp")
