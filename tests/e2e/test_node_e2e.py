@@ -258,3 +258,34 @@ def test_runner_and_health_run_as_deployments_from_the_image(node_env, runner, k
                 apps.delete_namespaced_deployment(name, system.SYSTEM_NAMESPACE)
             except client.ApiException:
                 pass
+
+
+def test_a_node_whose_containerd_died_is_cleaned_up_and_started_again(node_env):
+    """The forced path of `down`: containerd killed under running pods (its shims and containers keep
+    running); stopping the node still leaves nothing behind, and `up` starts it afresh."""
+    import os
+    import signal
+
+    region = "local-2"
+    apps = client.AppsV1Api(node_env.kube(region))
+    core = client.CoreV1Api(node_env.kube(region))
+    dep = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "orphans", "namespace": NS},
+           "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "orphans"}}, "template": {
+               "metadata": {"labels": {"app": "orphans"}},
+               "spec": {"automountServiceAccountToken": False, "containers": [{
+                   "name": "server", "image": localnode.image_ref("model-server"), "resources": SMALL}]}}}}
+    apps.create_namespaced_deployment(NS, dep)
+    until(lambda: len([p for p in core.list_namespaced_pod(NS, label_selector="app=orphans").items
+                       if p.status.phase == "Running"]) == 2, "2 running pods on local-2")
+    node = node_env.nodes[region]
+    containers = set(node.ctr("containers", "ls", "-q").stdout.split())
+    pod_netns = node.pod_netns()
+    assert len(pod_netns) >= 2 and node.shim_pids()
+    before = replace(node)
+    os.kill(node.containerd_pid, signal.SIGKILL)
+    assert node.shim_pids(), "the shims outlive containerd"
+    node_env._stop_node(node, None, lambda s: None)  # no apiserver help: everything by force
+    assert localnode.leftovers([before], containers, pod_netns) == []
+    node_env.up()  # the stopped node is started again, in a fresh slot
+    assert node_env.status()[f"node {region}-node"]
+    apps.delete_namespaced_deployment("orphans", NS)
