@@ -118,9 +118,12 @@ def _exited(pid: int) -> bool:
 
 def _spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
+    # not the caller's TMPDIR: a runner in this process points it at the engine's scratch dir, which
+    # it empties between operations (the webhook's Kubernetes client keeps its CA file in TMPDIR)
+    env = {k: v for k, v in (env or os.environ).items() if k != "TMPDIR"}
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=env or os.environ.copy())
+                                start_new_session=True, env=env)
     return proc.pid
 
 

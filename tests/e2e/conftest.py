@@ -41,7 +41,7 @@ def env(tmp_path_factory):
     shutil.rmtree(state, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def node_env(tmp_path_factory):
     """A second local environment whose regions each have a real node (kubelet, containerd, runc, CNI,
     kube-proxy) running the images scripts/image built; torn down at the end, and checked to leave no
