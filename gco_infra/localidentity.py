@@ -13,7 +13,6 @@ serving HTTPS to the local apiservers; ``localenv`` starts it and registers it w
 from __future__ import annotations
 
 import base64
-import datetime
 import json
 import ssl
 import sys
@@ -34,40 +33,9 @@ WEBHOOK_NAME = "gco-local-pod-identity.gco.io"
 
 def serving_pki(directory: Path, ips: list[str]) -> tuple[Path, Path, Path]:
     """(CA, certificate, key) for the webhook's HTTPS on ``ips``; made once per environment."""
-    ca_crt, crt, key = (directory / "identity-webhook-ca.crt", directory / "identity-webhook.crt",
-                        directory / "identity-webhook.key")
-    if ca_crt.exists() and crt.exists() and key.exists():
-        return ca_crt, crt, key
-    import ipaddress
+    from .localnode import local_pki
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gco-local-identity-webhook-ca")])
-    valid = dict(not_valid_before=now - datetime.timedelta(minutes=5), not_valid_after=now + datetime.timedelta(days=365))
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(valid["not_valid_before"])
-          .not_valid_after(valid["not_valid_after"])
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True).sign(ca_key, hashes.SHA256()))
-    leaf = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gco-local-identity-webhook")]))
-            .issuer_name(ca_name).public_key(leaf_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(valid["not_valid_before"]).not_valid_after(valid["not_valid_after"])
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]),
-                           critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    ca_crt.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    crt.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    from .localnode import write_private
-
-    write_private(key, leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                              serialization.NoEncryption()))
-    return ca_crt, crt, key
+    return local_pki(directory, "identity-webhook", "gco-local-identity-webhook", ips=tuple(ips))
 
 
 def patch_for(pod: dict[str, Any], role_arn: str, audience: str, extra_env: dict[str, str]) -> list[dict[str, Any]]:

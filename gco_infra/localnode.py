@@ -82,10 +82,12 @@ def restore_kernel_settings() -> None:
     SAVED_KERNEL_SETTINGS.unlink(missing_ok=True)
 
 
-def kubelet_client_pki(directory: Path) -> tuple[Path, Path, Path]:
-    """(CA, certificate, key): the apiserver's client certificate for kubelets, and the CA kubelets
-    trust for it (kubelet-client-ca.crt); made once per environment."""
-    ca_crt, crt, key = directory / "kubelet-client-ca.crt", directory / "kubelet-client.crt", directory / "kubelet-client.key"
+def local_pki(directory: Path, stem: str, common_name: str, *, organization: str | None = None,
+              ips: tuple[str, ...] = ()) -> tuple[Path, Path, Path]:
+    """(CA, certificate, key) files ``<stem>-ca.crt``, ``<stem>.crt``, ``<stem>.key`` in ``directory``:
+    a CA of its own and one certificate it signs, for a client (no ``ips``) or a server on ``ips``;
+    made once per environment."""
+    ca_crt, crt, key = directory / f"{stem}-ca.crt", directory / f"{stem}.crt", directory / f"{stem}.key"
     if ca_crt.exists() and crt.exists() and key.exists():
         return ca_crt, crt, key
     import datetime
@@ -93,27 +95,35 @@ def kubelet_client_pki(directory: Path) -> tuple[Path, Path, Path]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key, client_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gco-local-kubelet-client-ca")])
+    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=365)
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"gco-local-{stem}-ca")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=365))
+          .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True).sign(ca_key, hashes.SHA256()))
-    client = (x509.CertificateBuilder()
-              .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
-                                       x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver-kubelet-client")]))
-              .issuer_name(ca_name).public_key(client_key.public_key()).serial_number(x509.random_serial_number())
-              .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=365))
-              .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-              .sign(ca_key, hashes.SHA256()))
+    subject = ([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization)] if organization else []) \
+        + [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    leaf = (x509.CertificateBuilder().subject_name(x509.Name(subject)).issuer_name(ca_name)
+            .public_key(leaf_key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if ips else ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False))
+    if ips:
+        leaf = leaf.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]),
+                                  critical=False)
     ca_crt.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    crt.write_bytes(client.public_bytes(serialization.Encoding.PEM))
-    write_private(key, client_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                serialization.NoEncryption()))
+    crt.write_bytes(leaf.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    write_private(key, leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
     return ca_crt, crt, key
+
+
+def kubelet_client_pki(directory: Path) -> tuple[Path, Path, Path]:
+    """The apiserver's client certificate for kubelets (system:masters), and the CA kubelets trust for it."""
+    return local_pki(directory, "kubelet-client", "kube-apiserver-kubelet-client", organization="system:masters")
 
 
 def _run(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
