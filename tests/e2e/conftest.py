@@ -4,6 +4,7 @@ kube-apiserver, kube-controller-manager, kube-scheduler) and the moto server."""
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import replace
 
 import pytest
@@ -68,6 +69,18 @@ def node_env(tmp_path_factory):
     leftovers = localnode.leftovers(nodes, containers, pod_netns)
     assert not leftovers, f"local down left these behind: {leftovers}"
     shutil.rmtree(state, ignore_errors=True)
+
+
+def until(check, what, timeout=30.0, every=0.1):
+    """``check()``'s first truthy value, polled every ``every`` s; fails after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
 
 
 def make_runner(env, stacks=("local", "local-2"), **opts) -> Runner:
@@ -149,4 +162,4 @@ def tick(runner):
     return run
 
 
-__all__ = ["Kube", "make_runner", "replace"]
+__all__ = ["Kube", "make_runner", "replace", "until"]

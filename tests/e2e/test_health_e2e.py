@@ -16,6 +16,7 @@ from kubernetes import client, config
 from gco_infra.health import HealthJob, LeaseElector
 from gco_infra.store import EndpointStore, StoreConfig
 
+from .conftest import until
 from .test_endpoints_e2e import put, status
 
 NS = ("gco-inference",)
@@ -33,17 +34,6 @@ def _controllers_run(env, region="local-1") -> bool:
         return False
 
 
-def _until(check, what, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def set_ready(kube, name, ready, ns="gco-inference"):
     """``ready`` of Deployment ``name``'s replicas ready, as its status reports it from now on."""
     d = kube.apps.read_namespaced_deployment(name, ns)
@@ -59,7 +49,7 @@ def set_ready(kube, name, ready, ns="gco-inference"):
         items = [p for p in kube.core.list_namespaced_pod(ns, label_selector=selector).items if not p.metadata.deletion_timestamp]
         return sorted(items, key=lambda p: p.metadata.name) if len(items) >= want else None
 
-    for i, pod in enumerate(_until(pods, f"{want} pods of {name}")):
+    for i, pod in enumerate(until(pods, f"{want} pods of {name}")):
         flag = "True" if i < ready else "False"
         kube.core.patch_namespaced_pod_status(pod.metadata.name, ns, {"status": {"phase": "Running", "conditions": [
             {"type": "Ready", "status": flag}, {"type": "ContainersReady", "status": flag}]}})
@@ -69,7 +59,7 @@ def set_ready(kube, name, ready, ns="gco-inference"):
         return ((st.status.ready_replicas or 0) == ready and (st.status.updated_replicas or 0) >= want
                 and (st.status.observed_generation or 0) >= st.metadata.generation)
 
-    _until(counted, f"{name}'s status to count {ready} ready")
+    until(counted, f"{name}'s status to count {ready} ready")
 
 
 @pytest.fixture(scope="module", autouse=True)

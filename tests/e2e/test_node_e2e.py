@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import urllib.request
 from dataclasses import replace
 
@@ -22,6 +21,7 @@ from gco_infra import localnode
 from gco_infra.health import HealthJob
 
 from .conftest import Kube, make_runner
+from .conftest import until as wait
 
 NS = "gco-inference"
 SMALL = {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "500m", "memory": "256Mi"}}
@@ -34,19 +34,10 @@ def kube(node_env):
 
 @pytest.fixture(scope="module")
 def runner(node_env):
+    """The host's runner for local-1 (conftest's ``tick`` uses this one in this module)."""
     r = make_runner(node_env, stacks=("local",))
     yield r
     r.close()
-
-
-@pytest.fixture
-def tick(runner):
-    def run(**kw):
-        results = runner.tick(**kw)
-        for r in results:
-            assert r.action not in ("failed", "refused", "skipped"), r.summary() + f" {r.endpoint_errors}"
-        return results
-    return run
 
 
 def put(env, name, state="running", **spec):
@@ -62,14 +53,8 @@ def status(env, name):
 
 
 def until(check, what, timeout=120.0, every=1.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)
+    """conftest's, with a pod's pace: its probes run every 10 s."""
+    return wait(check, what, timeout, every)
 
 
 def pods(kube, name):
