@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kubernetes import client  # noqa: E402
 
 from gco_infra import localenv  # noqa: E402
+from bench.cpu import CpuSampler  # noqa: E402
 from gco_infra.program import settings_from_stack_file  # noqa: E402
 from gco_infra.runner import Runner, RunnerOptions, with_local_overrides  # noqa: E402
 
@@ -34,7 +35,20 @@ def endpoint(i: int, env_value: str = "1") -> dict:
             "spec": {"image": "example.com/org/server:1", "gpu_count": 0, "env": {"V": env_value}}}
 
 
-def measure(n: int, progress, shards: int = 1, table_stream: bool = True) -> dict:
+def apiserver_requests(api: client.ApiClient) -> dict[str, int]:
+    """apiserver_request_total by verb, as the API server counts them (its /metrics)."""
+    resp = api.call_api("/metrics", "GET", _preload_content=False, auth_settings=["BearerToken"])
+    verbs: dict[str, int] = {}
+    for line in resp.data.decode().splitlines():
+        if line.startswith("apiserver_request_total{"):
+            labels, value = line[len("apiserver_request_total{"):].rsplit("} ", 1)
+            verb = dict(kv.split("=", 1) for kv in labels.split(",")).get("verb", '""').strip('"')
+            verbs[verb] = verbs.get(verb, 0) + int(float(value))
+    return verbs
+
+
+def measure(n: int, progress, shards: int = 1, table_stream: bool = True, parallel: int = 1,
+            checkpoints: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="gco-bench-") as tmp:
         env = localenv.LocalEnv.load(Path(tmp))
         env.up(regions=("local-1",))
@@ -47,17 +61,28 @@ def measure(n: int, progress, shards: int = 1, table_stream: bool = True) -> dic
             s = with_local_overrides(s, str(env.kubeconfig("local-1")), env.dynamodb_endpoint, env.table)
             s = replace(s, shards=shards)
             runner = Runner([s], store, env.pulumi_env(),
-                            RunnerOptions(full_every=10**9, rescan_every=10**9, table_stream=table_stream))
+                            RunnerOptions(full_every=10**9, rescan_every=10**9, table_stream=table_stream,
+                                          parallel=parallel, checkpoints=checkpoints))
             apps = client.AppsV1Api(env.kube("local-1"))
             row: dict = {"n": n}
 
+            api = env.kube("local-1")
+
             def tick(label: str, **kw):
-                ops, calls, t0 = runner.operations, store.calls, time.perf_counter()
-                results = runner.tick(**kw)
+                ops, calls, reqs0 = runner.operations, store.calls, apiserver_requests(api)
+                t0 = time.perf_counter()
+                with CpuSampler() as cpu:
+                    results = runner.tick(**kw)
+                reqs1 = apiserver_requests(api)
+                row.setdefault("cpu", {})[label] = cpu.seconds
+                row.setdefault("requests", {})[label] = {v: reqs1.get(v, 0) - reqs0.get(v, 0) - (v == "GET")
+                                                          for v in reqs1 if reqs1.get(v, 0) - reqs0.get(v, 0) - (v == "GET")}
                 actions = ",".join(sorted({r.action for r in results}))
                 row[label] = (time.perf_counter() - t0, runner.operations - ops, store.calls - calls, actions)
                 progress(f"N={n} shards={shards} {label}: {row[label][0]:.2f}s, {row[label][1]} op(s), "
-                         f"{row[label][2]} DynamoDB request(s), actions {actions}, table read: {runner.last_read}")
+                         f"{row[label][2]} DynamoDB request(s), actions {actions}, table read: {runner.last_read}; "
+                         f"API requests {row['requests'][label]}; CPU-s " +
+                         ", ".join(f"{k} {v:.1f}" for k, v in row["cpu"][label].items()))
                 for res in results:
                     if res.action in ("failed", "refused"):
                         raise RuntimeError(res.summary())
@@ -87,28 +112,30 @@ def main() -> None:
                     help="comma-separated gco:shards values to measure each N with (e.g. 1,10); 'auto' is "
                          "one shard per 100 endpoints")
     ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
-    ap.add_argument("--checkpoints", choices=("on", "off"), default="on",
-                    help="on: the engine's default; off: PULUMI_SKIP_CHECKPOINTS=true (no intermediate "
-                         "file-backend checkpoints, faster first applies on the file backend).")
+    ap.add_argument("--checkpoints", choices=("on", "off"), default="off",
+                    help="on: the engine's intermediate checkpoints; off (the runner's default): the state is "
+                         "written once per operation (PULUMI_SKIP_CHECKPOINTS=true).")
+    ap.add_argument("--parallel", default="2", help="comma-separated: stacks operated at once (worker processes)")
     ap.add_argument("--table-read", default="stream",
                     help="comma-separated: stream (follow the table's stream between scans), scan (scan every tick)")
     args = ap.parse_args()
-    if args.checkpoints == "off":
-        os.environ["PULUMI_SKIP_CHECKPOINTS"] = "true"
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
         for shards in args.shards.split(","):
             for mode in args.table_read.split(","):
-                k = max(1, n // 100) if shards == "auto" else int(shards)
-                row = measure(n, lambda s: print(mode, s, flush=True), shards=k, table_stream=mode == "stream")
-                row["n"] = f"{n}, {k} shard{'s' if k > 1 else ''}, {mode}"
-                rows.append(row)
+                for par in (int(x) for x in args.parallel.split(",")):
+                    k = max(1, n // 100) if shards == "auto" else int(shards)
+                    row = measure(n, lambda s: print(mode, s, flush=True), shards=k, table_stream=mode == "stream",
+                                  parallel=par, checkpoints=args.checkpoints == "on")
+                    row["n"] = f"{n}, {k} shard{'s' if k > 1 else ''}, {mode}, parallel {par}"
+                    rows.append(row)
     labels = ["first full apply", "tick after apply", "no-change tick", "one-endpoint change", "full reconcile (refresh)"]
     lines = [
         f"# Runner benchmark ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores)",
         "",
-        "One region (stack `local`), real engine + provider + kube-apiserver + moto. Each cell: seconds / Pulumi",
-        "operations / DynamoDB requests. 'one-endpoint change' is until the live Deployment shows the change.",
+        "One region (stack `local`), real engine + provider + kube-apiserver + moto (S3 state, KMS secrets).",
+        "Each cell: seconds / Pulumi operations / DynamoDB requests / Kubernetes requests (counted by the API",
+        "server, controllers included). 'one-endpoint change' is until the live Deployment shows the change.",
         f"Checkpoints {args.checkpoints}. Table read: stream = follow the table's stream between scans, "
         "scan = scan it every tick.",
         "",
@@ -116,7 +143,21 @@ def main() -> None:
         "|---|" + "---|" * len(labels),
     ]
     for row in rows:
-        lines.append(f"| {row['n']} | " + " | ".join(f"{row[k][0]:.2f} s / {row[k][1]} / {row[k][2]}" for k in labels) + " |")
+        lines.append(f"| {row['n']} | " + " | ".join(
+            f"{row[k][0]:.2f} s / {row[k][1]} / {row[k][2]} / {sum(row['requests'][k].values())}" for k in labels) + " |")
+    parts = sorted({g for row in rows for k in labels for g in row["cpu"][k]},
+                   key=lambda g: -sum(row["cpu"][k].get(g, 0) for row in rows for k in labels))
+    lines += ["", "CPU seconds by part of the system (sampled from /proc):", "",
+              "| N, phase | total | " + " | ".join(parts) + " |", "|---|---|" + "---|" * len(parts)]
+    for row in rows:
+        for k in ("first full apply", "full reconcile (refresh)", "one-endpoint change"):
+            cpu = row["cpu"][k]
+            lines.append(f"| {row['n']}, {k} | {sum(cpu.values()):.1f} | "
+                         + " | ".join(f"{cpu.get(g, 0):.1f}" for g in parts) + " |")
+    lines += ["", "Kubernetes requests by verb:", ""]
+    for row in rows:
+        for k in ("first full apply", "full reconcile (refresh)"):
+            lines.append(f"- {row['n']}, {k}: " + ", ".join(f"{v} {c}" for v, c in sorted(row["requests"][k].items())))
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)
     print(text)

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -285,53 +286,87 @@ def build_runner(stacks: list[str], opts: Any, progress):
     return Runner(settings, store, env, opts, progress=progress)
 
 
+OPERATION_LIMIT = 3600.0
+"""Seconds after which a running Pulumi operation makes the runner's liveness probe fail."""
+
+
 @main.command("run")
 @click.option("--once", is_flag=True, help="One tick, then exit with a meaningful code (0 ok, 1 failed, 3 table unreadable, 4 refused: mass deletion or misplaced shard endpoints, 75 locked or waiting for another runner).")
 @click.option("--stack", "stacks", multiple=True,
               help="Region stack to drive, as named by stacks/Pulumi.<stack>.yaml (repeatable). A region with "
                    "gco:shards=K is applied as its K shard stacks <stack>.shard-0 .. <stack>.shard-K-1. "
                    "Default: the local stacks.")
-@click.option("--interval", type=float, default=15.0, show_default=True, envvar="GCO_RUN_INTERVAL", help="Seconds between ticks.")
-@click.option("--full-every", type=float, default=600.0, show_default=True, envvar="GCO_FULL_EVERY",
-              help="Seconds between full reconciles (up --refresh), which repair drift and out-of-band deletions.")
+@click.option("--interval", type=float, default=2.0, show_default=True, envvar="GCO_RUN_INTERVAL",
+              help="Seconds between ticks. A tick with nothing to do costs two DynamoDB requests (the stream) "
+                   "and no Pulumi operation.")
+@click.option("--full-every", type=float, default=None, envvar="GCO_FULL_EVERY",
+              help="Every endpoint's objects are refreshed, and drift repaired, at least once in this many "
+                   "seconds: the backstop for drift the watch did not see. Done as sweeps of a few endpoints "
+                   "in targeted updates, never one long full update. Default: 21600 with --watch, 600 without.")
+@click.option("--watch/--no-watch", "watch", default=True, show_default=True, envvar="GCO_WATCH",
+              help="Watch the objects the stacks own; when someone else changes or deletes one, refresh and "
+                   "update just that endpoint at once (not available for an EKS stack run outside its cluster).")
+@click.option("--checkpoints/--no-checkpoints", default=False, show_default=True, envvar="GCO_CHECKPOINTS",
+              help="Write the state after every step of an operation (the engine's default). Without, it is "
+                   "written once at the end (several times faster on S3); after a killed runner, the next one "
+                   "removes the dead lock and runs a full reconcile that re-declares and refreshes everything.")
 @click.option("--full", is_flag=True, help="Force a full reconcile on the first tick.")
 @click.option("--allow-mass-delete", is_flag=True, help="Allow a tick to remove more endpoints than the deletion bound.")
 @click.option("--max-delete-fraction", type=float, default=0.10, show_default=True, help="Deletion bound, as a fraction of a region's endpoints (all shards together).")
 @click.option("--max-delete-min", type=int, default=2, show_default=True, help="Deletion bound floor (endpoints).")
-@click.option("--parallel", type=int, default=1, show_default=True, help="Stacks operated at once (one process each).")
+@click.option("--parallel", type=int, default=None,
+              help="Stacks operated at once (one worker process each). Default: the CPUs, at least 2, at most the "
+                   "number of stacks. With 2 or more, periodic full reconciles leave a worker free for changes.")
 @click.option("--table-stream/--no-table-stream", default=True, show_default=True, envvar="GCO_TABLE_STREAM",
               help="When the table has a DynamoDB stream (any view type), re-read only the items written since "
                    "the last tick instead of scanning the whole table; without a stream every tick scans.")
 @click.option("--rescan-every", type=float, default=300.0, show_default=True, envvar="GCO_RESCAN_EVERY",
               help="Seconds between complete scans of the table even while following its stream.")
 @click.option("--liveness-port", type=int, default=None,
-              help="Serve /healthz here: 200 while ticks complete (a tick may take up to --full-every).")
+              help="Serve /healthz here: 200 while ticks complete and no Pulumi operation has run for an hour.")
 @click.option("--metrics-port", type=int, default=None, envvar="GCO_METRICS_PORT",
               help="Serve Prometheus metrics on /metrics here: ticks by outcome, Pulumi operations, failures and "
                    "last success time per stack, operation durations. Off by default.")
-def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float, full: bool, allow_mass_delete: bool,
-        max_delete_fraction: float, max_delete_min: int, parallel: int, table_stream: bool, rescan_every: float,
-        liveness_port: int | None, metrics_port: int | None) -> None:
+def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float | None, watch: bool, checkpoints: bool,
+        full: bool, allow_mass_delete: bool, max_delete_fraction: float, max_delete_min: int, parallel: int | None,
+        table_stream: bool, rescan_every: float, liveness_port: int | None, metrics_port: int | None) -> None:
     """Apply the regional stacks from the table: nothing when nothing changed, targeted updates for a few
     changed endpoints, a full `up --refresh` periodically."""
     from .plan import EXIT_CONFIG, EXIT_STORE, RunnerOptions, exit_code
 
-    opts = RunnerOptions(full_every=full_every, allow_mass_delete=allow_mass_delete, parallel=parallel,
+    watch = watch and not once
+    if full_every is None:
+        full_every = 21600.0 if watch else 600.0
+    opts = RunnerOptions(full_every=full_every, allow_mass_delete=allow_mass_delete, parallel=parallel or 1,
                          max_delete_fraction=max_delete_fraction, max_delete_min=max_delete_min,
-                         table_stream=table_stream, rescan_every=rescan_every)
+                         table_stream=table_stream, rescan_every=rescan_every, checkpoints=checkpoints,
+                         overlap=not once)
     try:
         runner = build_runner(_stacks_for(stacks), opts, progress=lambda s: log.info("progress", msg=s))
     except ProgramError as exc:
         console.print(f"[red]error:[/] {exc}")
         sys.exit(EXIT_CONFIG)
+    if parallel is None:
+        runner.opts = opts = replace(opts, parallel=max(1, min(max(2, os.cpu_count() or 1), len(runner.states))))
+    if watch:
+        for reason in runner.watch_drift():
+            log.warning("drift watch", msg=reason)
     stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+
+    def terminate(*_: Any) -> None:
+        stop.update(now=True)
+        runner.wakeup().set()
+
+    signal.signal(signal.SIGTERM, terminate)
     last_tick = {"at": time.time()}
     if liveness_port:
         from .health import serve_liveness
 
         # A tick that hangs (a stuck engine, an unreachable table without timeouts) fails the probe.
-        serve_liveness(lambda: time.time() - last_tick["at"] < max(3 * interval, 2 * full_every), liveness_port)
+        # Ticks never wait for operations (they run beside them), so the probe fails when ticks stop or
+        # when one operation has run for an hour (a stuck engine).
+        serve_liveness(lambda: time.time() - last_tick["at"] < max(3 * interval, 300)
+                       and runner.oldest_operation() < OPERATION_LIMIT, liveness_port)
     metrics = None
     if metrics_port:
         from .metrics import RunnerMetrics
@@ -371,7 +406,9 @@ def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float,
             first = False
             if once or stop["now"]:
                 break
-            time.sleep(max(0.0, interval - (time.monotonic() - started)))
+            # Drift seen by a watch and an operation that ended wake the loop before the interval.
+            runner.wakeup().wait(max(0.0, interval - (time.monotonic() - started)))
+            runner.wakeup().clear()
             if stop["now"]:
                 break
     finally:
@@ -466,9 +503,19 @@ def known_regions(root: Path = PROJECT_ROOT) -> list[str]:
 @click.option("--liveness-port", type=int, default=None, help="Serve /healthz here: 200 while ticks succeed.")
 @click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
               help="Seconds before any one Kubernetes API call gives up (the Lease's included).")
+@click.option("--table-stream/--no-table-stream", default=True, show_default=True, envvar="GCO_TABLE_STREAM",
+              help="When the table has a DynamoDB stream (any view type), re-read only the items written since "
+                   "the last tick instead of scanning the whole table; without a stream every tick scans.")
+@click.option("--rescan-every", type=float, default=300.0, show_default=True, envvar="GCO_RESCAN_EVERY",
+              help="Seconds between complete scans of the table even while following its stream.")
+@click.option("--watch-cache/--no-watch-cache", default=True, show_default=True, envvar="GCO_HEALTH_WATCH_CACHE",
+              help="Observe Deployments and Ingresses from a watch-backed cache (one LIST per kind and namespace "
+                   "at start, then WATCHes) instead of listing them every tick; a tick lists them itself while "
+                   "the cache is not ready or a stream is failing. --once always lists.")
 def health(stack: str, once: bool, interval: float, threshold: float, lease_namespace: str, lease_seconds: int,
            renew_deadline: float, no_leader_election: bool, in_cluster: bool, kubeconfig: str | None,
-           liveness_port: int | None, request_timeout: float) -> None:
+           liveness_port: int | None, request_timeout: float, table_stream: bool, rescan_every: float,
+           watch_cache: bool) -> None:
     """Readiness, the Ingress watchdog, promotion and purge for one regional cluster, written to the table."""
     from kubernetes import client as kclient
     from kubernetes import config as kconfig
@@ -495,19 +542,24 @@ def health(stack: str, once: bool, interval: float, threshold: float, lease_name
     elector = None if no_leader_election else LeaseElector(api, lease_namespace, lease_seconds=lease_seconds,
                                                             renew_deadline=renew_deadline, request_timeout=request_timeout)
     job = HealthJob(store, api, settings.region, settings.allowed_namespaces, threshold=threshold,
-                    known_regions=known_regions(), elector=elector, request_timeout=request_timeout)
+                    known_regions=known_regions(), elector=elector, request_timeout=request_timeout,
+                    table_stream=table_stream, rescan_every=rescan_every, watch_cache=watch_cache and not once)
     if liveness_port:
         serve_liveness(job_is_healthy(job, max_age=max(3 * interval, 60)), liveness_port)
-    while True:
-        started = time.monotonic()
-        report = job.tick()
-        log.info("health", region=settings.region, leader=report.leader, endpoints=report.endpoints, writes=report.writes,
-                 withdrawn=report.withdrawn or None, readmitted=report.readmitted or None, promoted=report.promoted or None,
-                 purged=report.purged or None, invalid=report.invalid or None, problems=report.problems or None,
-                 api_calls=report.api_calls, error=report.error)
-        if once:
-            sys.exit(1 if report.error else 0 if report.leader else 75)
-        time.sleep(max(0.0, interval - (time.monotonic() - started)))
+    try:
+        while True:
+            started = time.monotonic()
+            report = job.tick()
+            log.info("health", region=settings.region, leader=report.leader, endpoints=report.endpoints,
+                     writes=report.writes, withdrawn=report.withdrawn or None, readmitted=report.readmitted or None,
+                     promoted=report.promoted or None, purged=report.purged or None, invalid=report.invalid or None,
+                     problems=report.problems or None, api_calls=report.api_calls, observed=report.observed or None,
+                     table_read=report.table_read or None, error=report.error)
+            if once:
+                sys.exit(1 if report.error else 0 if report.leader else 75)
+            time.sleep(max(0.0, interval - (time.monotonic() - started)))
+    finally:
+        job.close()
 
 
 # ---- the demo: the README's first command ------------------------------------------------------------------

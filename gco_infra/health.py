@@ -1,9 +1,14 @@
 """The health job: readiness, the Ingress watchdog, promotion and purge, written back to the table.
 
-One active replica per cluster (a coordination.k8s.io Lease). Each tick lists Deployments and
-Ingresses once per allowed namespace (by label), not once per endpoint, and writes a region's
-status only when it changed. The watchdog timer (``unready_since``) lives in the table, so a
-restart or a new leader neither resets it nor re-admits a dead endpoint to the shared ALB.
+One active replica per cluster (a coordination.k8s.io Lease). Each tick observes Deployments and
+Ingresses per allowed namespace (by label), not per endpoint: from a watch-backed cache
+(kubecache.ObjectCache) while its streams are current, otherwise with one list per kind and
+namespace; it writes a region's status only when it changed. The table is followed through its
+stream (store.TableCache), so a tick in which nothing was written reads no item and validates
+nothing again. Objects are read as the API server's JSON into only the fields the decisions use
+(the client's models cost seconds at a thousand objects).
+The watchdog timer (``unready_since``) lives in the table, so a restart or a new leader neither
+resets it nor re-admits a dead endpoint to the shared ALB.
 
 The decisions (what a region's status becomes, which Ingresses go, whether a record may be purged)
 are pure functions in watchdog.py; ``HealthJob`` does the I/O around them.
@@ -12,6 +17,7 @@ are pure functions in watchdog.py; ``HealthJob`` does the I/O around them.
 from __future__ import annotations
 
 import copy
+import json
 import socket
 import threading
 import time
@@ -24,7 +30,8 @@ import urllib3
 from kubernetes import client
 
 from .endpoint import validate_all
-from .store import EndpointStore, StoreError
+from .kubecache import DEPLOYMENTS, INGRESSES, ObjectCache
+from .store import EndpointStore, StoreError, TableCache
 from .watchdog import Observed, Record, decide, purge_blocker, read_records, stored_entry, track_of
 
 LABEL = "gco.io/type=inference"
@@ -35,6 +42,8 @@ KUBE_ERRORS = (client.ApiException, urllib3.exceptions.HTTPError)
 """What a Kubernetes call raises: an API error, or no answer in time (urllib3 timeouts, refused connections)."""
 
 
+class ObserveError(RuntimeError):
+    """A list answered with something that is not a list of objects: nothing is known this tick."""
 
 
 def without_retries(api: client.ApiClient) -> client.ApiClient:
@@ -150,6 +159,68 @@ class LeaseElector:
         self._renewed_at = None
 
 
+# ---- what the cluster shows, from the API server's JSON (pure) ----------------------------------------------------
+
+
+def list_items(body: bytes | str, what: str) -> list[Mapping[str, Any]]:
+    """The ``items`` of a list's JSON answer; ObserveError when it is not a list of objects."""
+    try:
+        items = json.loads(body).get("items")
+    except (ValueError, AttributeError) as exc:
+        raise ObserveError(f"listing {what}: the answer is not a JSON object: {exc}") from exc
+    if items is None:
+        return []
+    if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
+        raise ObserveError(f"listing {what}: the answer's items are not a list of objects")
+    return items
+
+
+def _field(obj: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = obj.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def _count(value: Any) -> int:
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ObserveError(f"a replica count or generation is not a whole number: {value!r}")
+    return value
+
+
+def add_deployment(seen: dict[str, Observed], obj: Mapping[str, Any]) -> None:
+    """Count one Deployment (as JSON) into its endpoint's primary or canary track.
+
+    Desired replicas default to 1 when unset (as the API server defaults them); a Deployment is not
+    updated until its controller has seen its latest generation and updated every desired replica.
+    """
+    meta = _field(obj, "metadata")
+    labels = _field(meta, "labels")
+    name = labels.get("app")
+    if not name:
+        return
+    o = seen.setdefault(name, Observed())
+    t = o.canary if track_of(name, meta.get("name"), labels) == "canary" else o.primary
+    replicas = _field(obj, "spec").get("replicas")
+    want = _count(replicas) if replicas is not None else 1
+    status = obj.get("status")
+    st = status if isinstance(status, Mapping) else {}
+    t.seen = True
+    t.desired += want
+    t.ready += _count(st.get("readyReplicas"))
+    if (status is None or _count(st.get("observedGeneration")) < _count(meta.get("generation"))
+            or _count(st.get("updatedReplicas")) < want):
+        t.updated = False
+
+
+def add_ingress(seen: dict[str, Observed], namespace: str, obj: Mapping[str, Any]) -> None:
+    """Note one Ingress (as JSON) of its endpoint."""
+    meta = _field(obj, "metadata")
+    name = _field(meta, "labels").get("app")
+    if name:
+        seen.setdefault(name, Observed()).ingresses.append((namespace, meta.get("name")))
+
+
 # ---- the job ---------------------------------------------------------------------------------------------------
 
 
@@ -167,6 +238,11 @@ class HealthReport:
     problems: dict[str, str] = field(default_factory=dict)
     """Records this tick could not handle, with the reason; every other record went on."""
     api_calls: int = 0
+    """Kubernetes requests of the observation (0 when served from the watch cache)."""
+    observed: str = ""
+    """Where the observation came from: 'watch cache', 'lists' or 'lists (watch cache <why not>)'."""
+    table_read: str = ""
+    """How the table was read: 'scan', 'scan (<why>)', 'stream, no writes' or 'stream, N re-read'."""
     error: str | None = None
 
 
@@ -178,41 +254,97 @@ class HealthJob:
     def __init__(self, store: EndpointStore, api: client.ApiClient, region: str, namespaces: Iterable[str], *,
                  threshold: float = 300.0, known_regions: Iterable[str] | None = None,
                  elector: LeaseElector | None = None, request_timeout: float = REQUEST_TIMEOUT,
+                 table_stream: bool = True, rescan_every: float = 300.0, watch_cache: bool = False,
                  clock: Callable[[], float] = time.time) -> None:
         self.store, self.region, self.namespaces = store, region, tuple(namespaces)
+        self.api = api
         bounded = without_retries(api)
         self.apps, self.net = client.AppsV1Api(bounded), client.NetworkingV1Api(bounded)
         self.threshold, self.clock, self.elector, self.request_timeout = threshold, clock, elector, request_timeout
         self.known_regions = {region, *known_regions} if known_regions is not None else None
         """The platform's regions; unset, promotion waits for every target region and a record is purged
         only when this region is its only target (nothing else is known)."""
+        self.table_stream, self.rescan_every = table_stream, rescan_every
+        """Follow the table's stream between complete scans (every ``rescan_every`` s), as the runner does;
+        off: scan the whole table every tick."""
+        self._cache: TableCache | None = None
+        self._memo: tuple[int, list[Record], dict[str, str]] | None = None
+        """The records of the cache's current generation, and the items that could not be read as records."""
+        self.watch_cache = watch_cache
+        """Observe from a watch-backed cache (started at the first observation) while it is current."""
+        self._objects: ObjectCache | None = None
         self.last_success: float | None = None
 
     def observe(self, report: HealthReport) -> dict[str, Observed]:
-        """One list per kind per namespace: constant in the number of endpoints."""
+        """From the watch cache when it is ready and every stream is current (no request); otherwise
+        one list per kind per namespace, as without the cache. Either way constant in the endpoints."""
+        cache = self.object_cache()
+        why = cache.why_not() if cache is not None else None
+        if cache is not None and why is None:
+            report.observed = "watch cache"
+            return self.observe_cache(cache)
+        report.observed = "lists" if cache is None else f"lists (watch cache {why})"
+        return self.observe_lists(report)
+
+    def object_cache(self) -> ObjectCache | None:
+        """The job's watch cache, started on first use (None when the job does not use one)."""
+        if not self.watch_cache:
+            return None
+        if self._objects is None:
+            self._objects = ObjectCache(self.api, self.namespaces, (DEPLOYMENTS, INGRESSES), LABEL)
+            self._objects.start()
+        return self._objects
+
+    def observe_cache(self, cache: ObjectCache) -> dict[str, Observed]:
+        seen: dict[str, Observed] = {}
+        for ns in self.namespaces:
+            for d in cache.objects(DEPLOYMENTS, ns):
+                add_deployment(seen, d)
+            for i in cache.objects(INGRESSES, ns):
+                add_ingress(seen, ns, i)
+        return seen
+
+    def observe_lists(self, report: HealthReport) -> dict[str, Observed]:
         seen: dict[str, Observed] = {}
         for ns in self.namespaces:
             report.api_calls += 1
-            for d in self.apps.list_namespaced_deployment(ns, label_selector=LABEL, _request_timeout=self.request_timeout).items:
-                labels = d.metadata.labels or {}
-                name = labels.get("app")
-                if not name:
-                    continue
-                o = seen.setdefault(name, Observed())
-                t = o.canary if track_of(name, d.metadata.name, labels) == "canary" else o.primary
-                want = d.spec.replicas if d.spec.replicas is not None else 1
-                st = d.status
-                t.seen = True
-                t.desired += want
-                t.ready += (st.ready_replicas or 0) if st else 0
-                if st is None or (st.observed_generation or 0) < (d.metadata.generation or 0) or (st.updated_replicas or 0) < want:
-                    t.updated = False
+            for d in self._list(self.apps.list_namespaced_deployment, ns, "Deployments"):
+                add_deployment(seen, d)
             report.api_calls += 1
-            for i in self.net.list_namespaced_ingress(ns, label_selector=LABEL, _request_timeout=self.request_timeout).items:
-                name = (i.metadata.labels or {}).get("app")
-                if name:
-                    seen.setdefault(name, Observed()).ingresses.append((ns, i.metadata.name))
+            for i in self._list(self.net.list_namespaced_ingress, ns, "Ingresses"):
+                add_ingress(seen, ns, i)
         return seen
+
+    def _list(self, call: Callable[..., Any], namespace: str, kind: str) -> list[Mapping[str, Any]]:
+        """The objects of one list, as the API server's JSON (not the client's models)."""
+        resp = call(namespace, label_selector=LABEL, _request_timeout=self.request_timeout, _preload_content=False)
+        try:
+            body = resp.data  # read timeouts apply to the body too; a failure closes the connection
+        finally:
+            resp.release_conn()
+        return list_items(body, f"{kind} in {namespace}")
+
+    def read_table(self) -> tuple[list[Record], dict[str, str]]:
+        """Every record and the records that cannot be watched (complete, or StoreError).
+
+        Validated once per table generation: while nothing is written, a tick validates nothing.
+        """
+        if not self.table_stream:
+            items = self.store.list_endpoints()
+            return read_records(items, validate_all(items, allowed_namespaces=self.namespaces))
+        if self._cache is None or self._cache.store is not self.store:
+            self._cache, self._memo = TableCache(self.store, rescan_every=self.rescan_every), None
+        items = self._cache.read()
+        if self._memo is None or self._memo[0] != self._cache.generation:
+            self._memo = (self._cache.generation,
+                          *read_records(items, validate_all(items, allowed_namespaces=self.namespaces)))
+        _, records, problems = self._memo
+        return records, dict(problems)  # the tick adds its own problems to its copy
+
+    @property
+    def last_read(self) -> str:
+        """How the last table read was served (see TableCache.last_read)."""
+        return self._cache.last_read if self.table_stream and self._cache is not None else "scan"
 
     def tick(self) -> HealthReport:
         report = HealthReport()
@@ -220,12 +352,12 @@ class HealthJob:
             return report
         report.leader = True
         try:
-            items = self.store.list_endpoints()
+            records, report.problems = self.read_table()
+            report.table_read = self.last_read
             observed = self.observe(report)
-        except (StoreError, *KUBE_ERRORS) as exc:
+        except (StoreError, ObserveError, *KUBE_ERRORS) as exc:
             report.error = str(exc)
             return report
-        records, report.problems = read_records(items, validate_all(items, allowed_namespaces=self.namespaces))
         now = self.clock()
         for record in records:
             if not self._acting():
@@ -244,6 +376,12 @@ class HealthJob:
         self._promote_and_purge(records, observed, report)
         self.last_success = now
         return report
+
+    def close(self) -> None:
+        """Stop the watch cache's streams (if any)."""
+        if self._objects is not None:
+            self._objects.stop()
+            self._objects = None
 
     def _acting(self) -> bool:
         return self.elector is None or self.elector.is_leader()
@@ -345,4 +483,5 @@ def job_is_healthy(job: HealthJob, max_age: float) -> Callable[[], bool]:
     return check
 
 
-__all__ = ["HealthJob", "HealthReport", "LeaseElector", "serve_liveness", "job_is_healthy", "without_retries"]
+__all__ = ["HealthJob", "HealthReport", "LeaseElector", "ObserveError", "add_deployment", "add_ingress", "list_items",
+           "serve_liveness", "job_is_healthy", "without_retries"]

@@ -7,7 +7,8 @@ resource is named:
   its tick and in each stack's program), re-reads written items with ``BatchGetItem``
   (``get_many``), finds the table's stream with ``DescribeTable`` and follows it
   (``DescribeStream``, ``GetShardIterator``, ``GetRecords``), and writes ``region_status`` with
-  conditional ``UpdateItem``. The health job scans, writes ``region_status``, promotes
+  conditional ``UpdateItem``. The health job reads the table as the runner does (store.TableCache:
+  ``DescribeTable``, ``Scan``, ``BatchGetItem`` and the stream), writes ``region_status``, promotes
   ``desired_state`` (with ``updated_at``) and purges deleted records (``DeleteItem``). The preview
   only scans (the CLI's read and each stack's program). ``GetItem`` is used by none of them
   (``endpoints set-state`` is an operator command).
@@ -158,8 +159,11 @@ def runner_policy(n: AwsNames, stacks: Iterable[str]) -> dict[str, Any]:
 
 
 def health_policy(n: AwsNames) -> dict[str, Any]:
+    """The health job of one region: it follows the table's stream as the runner does."""
     return _document(
-        _statement("ReadEndpoints", ["dynamodb:Scan"], n.table_arns),
+        _statement("ReadEndpoints", ["dynamodb:DescribeTable", "dynamodb:Scan", "dynamodb:BatchGetItem"], n.table_arns),
+        _statement("FollowTableStream", ["dynamodb:DescribeStream", "dynamodb:GetShardIterator", "dynamodb:GetRecords"],
+                   n.stream_arns),
         _statement("WriteStatusAndPromote", ["dynamodb:UpdateItem"], n.table_arns,
                    _only_attributes("endpoint_name", "region_status", "desired_state", "updated_at")),
         _statement("PurgeDeletedEndpoints", ["dynamodb:DeleteItem"], n.table_arns),

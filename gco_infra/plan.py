@@ -23,13 +23,30 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STORE, EXIT_REFUSED, EXIT_LOCKED = 0, 1,
 
 @dataclass(frozen=True)
 class RunnerOptions:
-    full_every: float = 600.0
-    """Seconds between full reconciles (up --refresh), which also repair drift."""
+    full_every: float = 21600.0
+    """Every endpoint's objects are refreshed (and drift repaired) at least once in this many seconds:
+    the backstop for drift the watch did not see. Not one full ``up --refresh`` that would hold a
+    stack for minutes, but sweeps: a few endpoints at a time join a targeted update (``sweep_batch``)."""
+    sweep_batch: int = 25
+    """Endpoints refreshed by one sweep of a stack."""
+    check_every: float = 30.0
+    """Seconds between checks of a stack's locks and checkpoint (an S3 LIST each) while the stack has
+    nothing to do; a stack with something to do is always checked before its operation."""
     max_delete_fraction: float = 0.10
     max_delete_min: int = 2
     allow_mass_delete: bool = False
     parallel: int = 1
     """Stacks operated at once (each in its own process)."""
+    overlap: bool = False
+    """Ticks do not wait for operations: a stack whose operation is still running is left out of
+    the next ticks until it ends, and the others go on (the continuous ``run`` loop). At most
+    ``parallel - 1`` periodic full reconciles run at once, so one worker stays free for changes."""
+    checkpoints: bool = False
+    """The engine's intermediate checkpoints (a full state write after every step). Off
+    (PULUMI_SKIP_CHECKPOINTS=true), the state is written once, at the end of each operation: an
+    interrupted operation leaves its lock and no record of what it did; the runner that removes
+    the dead lock runs a full reconcile, which declares every endpoint again (creating an object
+    that exists is an upsert under server-side apply) and refreshes what was changed or deleted."""
     pulumi_parallel: int = 32
     table_stream: bool = True
     """Follow the table's stream (when it has one) and re-read only the items written since the
@@ -57,14 +74,24 @@ class Plan:
     """Invalid records whose last applied declaration this stack keeps."""
     notes: dict[str, str] = field(default_factory=dict)
     """Endpoint -> what of its record is not declared in this region, and why (region status ``note``)."""
+    drifted: list[str] = field(default_factory=list)
+    """Unchanged endpoints whose objects someone else changed or deleted (the drift watch): their
+    objects are refreshed and declared again in a targeted update; their status is left alone."""
+    swept: list[str] = field(default_factory=list)
+    """Unchanged endpoints refreshed by this stack's periodic sweep (RunnerOptions.full_every), as drifted ones."""
 
     @property
     def touched(self) -> list[str]:
         return self.created + self.changed + self.removed
 
     @property
+    def targeted(self) -> list[str]:
+        """What a targeted update refreshes and declares: the touched endpoints and the drifted ones."""
+        return list(dict.fromkeys(self.touched + self.drifted + self.swept))
+
+    @property
     def needs_operation(self) -> bool:
-        return self.full or bool(self.touched)
+        return self.full or bool(self.targeted)
 
 
 @dataclass
@@ -126,7 +153,7 @@ def plan_stack(settings: StackSettings, validated: Validated, outputs: Mapping[s
     elif (outputs or {}).get("declarationVersion") != m.DECLARATION_VERSION:
         plan.full, plan.reason = True, "declaration version changed"
     elif full_due:
-        plan.full, plan.reason = True, "periodic full reconcile"
+        plan.full, plan.reason = True, "full reconcile"
     plan.applied = len(applied)
     plan.notes = {n: "; ".join(t) for n in desired if (t := m.declaration_notes(validated.endpoints[n], settings.region,
                                                                               settings.cluster))}
@@ -199,7 +226,7 @@ def targets_for(plan: Plan, validated: Validated, settings: StackSettings, outpu
     """
     old = (outputs or {}).get("endpoints") or {}
     urns: list[str] = []
-    for name in plan.touched:
+    for name in plan.targeted:
         roles: dict[str, str] = {}
         for role, ref in (old.get(name, {}).get("objects") or {}).items():
             roles[role] = ref.split("/", 1)[1]

@@ -12,7 +12,9 @@ import os
 import re
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor
+import threading
+from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from typing import Any, Callable, Mapping
@@ -92,7 +94,7 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
     previous = previous_records_from_outputs(outputs or {})
     full = plan.full
 
-    only = None if full else set(plan.touched)
+    only = None if full else set(plan.targeted)
     previous_endpoints = (outputs or {}).get("endpoints") or {}
 
     def pulumi_program() -> None:
@@ -120,7 +122,7 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
         if full and _clear_pending(stack, plan.stack, log):
             result.action = "full"
         kwargs: dict[str, Any] = dict(on_event=on_event, parallel=opts.pulumi_parallel, continue_on_error=True,
-                                      suppress_progress=True, color="never")
+                                      suppress_progress=True, suppress_outputs=True, color="never")
         kwargs["program"] = pulumi_program
         if full:
             up = stack.up(refresh=True, **kwargs)
@@ -218,6 +220,12 @@ class StackState:
     outputs: dict[str, Any] | None = None
     outputs_loaded: bool = False
     last_full: float = 0.0
+    """When the last full reconcile started (0: the next tick runs one: a runner's first, after a failure)."""
+    next_sweep: float = 0.0
+    checked: float = 0.0
+    """When its locks and checkpoint were last checked (opts.check_every)."""
+    sweep_cursor: str = ""
+    """The last endpoint the periodic sweep refreshed (it goes on after it, in name order)."""
     checkpoint: Any = None
     """_checkpoint_token when the outputs were last read or written by this runner."""
 
@@ -236,6 +244,10 @@ class Runner:
                 self.states[s.stack] = StackState(settings=s)
         self.store = store
         self.env = dict(env)
+        if not opts.checkpoints:
+            self.env["PULUMI_SKIP_CHECKPOINTS"] = "true"
+        else:
+            self.env.pop("PULUMI_SKIP_CHECKPOINTS", None)
         self.opts = opts
         self.progress = progress
         self.operations = 0
@@ -243,8 +255,21 @@ class Runner:
         self._cache: TableCache | None = None
         self._memo: dict[Any, Any] = {}
         """Validation and fingerprints of the current table generation (reused while nothing is written)."""
+        self._inflight: dict[str, tuple[Future, StackState, Plan, Validated, float]] = {}
+        """Operations still running (opts.overlap), by stack."""
+        self.drift: dict[str, Any] = {}
+        """Drift watches by region name (drift.DriftWatch): endpoints whose objects someone else changed."""
+        self._drifted: dict[str, dict[str, Any]] = {}
+        """Region -> endpoint -> Drift, taken from the watches and not yet repaired."""
+        self._quiet: dict[tuple[str, str], tuple[float, float]] = {}
+        """(region, endpoint) -> (start, end) of our last operation on it: deletions the watch saw then were ours."""
 
     def close(self) -> None:
+        for watch in self.drift.values():
+            watch.stop()
+        self.drift = {}
+        for future, *_ in self._inflight.values():
+            future.cancel()
         if self._pool:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -375,19 +400,38 @@ class Runner:
         return misplaced, unknown
 
     def tick(self, *, force_full: bool = False) -> list[StackResult]:
-        """One pass over all stacks. StoreError propagates before any Pulumi operation."""
+        """One pass over all stacks. StoreError propagates before any Pulumi operation.
+
+        With ``opts.overlap`` the tick returns without waiting for the operations it started: their
+        results come with the first tick after they end, and their stacks are left out until then.
+        """
         items, generation = self.read_table()
         by_name = {i.get("endpoint_name"): i for i in items if isinstance(i, Mapping)}
+        results: list[StackResult] = self._harvest(block=False, by_name=by_name)
         if "status problems" not in self._memo or self._memo.get("generation") != generation:
             # reported once per table generation: the record's status is left alone, nothing else is affected
             for problem in self._memoized(generation, "status problems",
                                           lambda: [p for i in items if (p := region_status_problem(i))]):
                 self.progress(f"{problem} (reported; every other record and field goes on)")
+        drifted = self._take_drift()
+        busy = [st.settings for _, st, _, _, _ in self._inflight.values()]
+        reread = {n for region, names in drifted.items() for n in names
+                  if not any(b.region == region and b.owns(n) for b in busy)}
+        if reread:
+            # The watch saw an object change: read those records again with consistent reads, so a
+            # repair never acts on a stream that lags behind the health job's withdrawal of an Ingress.
+            items, by_name = self._reread(items, by_name, reread)
+            generation = (generation, "drift", time.monotonic())
         now = time.monotonic()
-        results: list[StackResult] = []
         work: list[tuple[StackState, Plan, Validated, list[str] | None]] = []
         ready: list[StackState] = []
         for state in self.states.values():
+            if state.settings.stack in self._inflight:
+                continue
+            if self._quiet_stack(state, items, generation, drifted, now, force_full):
+                ready.append(state)  # planned below from what is known: it has nothing to do
+                continue
+            state.checked = now
             locked = self._locked_by_other(state)
             if locked:
                 results.append(StackResult(stack=state.settings.stack, region=state.settings.region, action="skipped",
@@ -420,11 +464,17 @@ class Runner:
             validated = self._memoized(generation, ("owned", state.settings.stack), lambda: owned(everything, state.settings))
             desired = self._memoized(generation, ("desired", state.settings.stack),
                                      lambda: desired_for_region(validated, state.settings))
-            full_due = force_full or (now - state.last_full >= self.opts.full_every if state.last_full else True)
-            plan = plan_stack(state.settings, validated, state.outputs, full_due=full_due, opts=self.opts,
-                              desired=desired)
+            plan = plan_stack(state.settings, validated, state.outputs, full_due=force_full or not state.last_full,
+                              opts=self.opts, desired=desired)
+            if not plan.full:
+                applied = (state.outputs or {}).get("endpoints") or {}
+                if state.settings.region in drifted:
+                    plan.drifted = self._drift_for(state.settings, plan, applied)
+                if now >= state.next_sweep:
+                    plan.swept = self._sweep(state, plan, applied, now)
             planned.append((state, plan, validated))
-        bound_sharded_regions([(state.settings, plan) for state, plan, _ in planned], self.opts,
+        in_flight = [(st.settings, replace(pl, refused=None)) for _, st, pl, _, _ in self._inflight.values()]
+        bound_sharded_regions([(state.settings, plan) for state, plan, _ in planned] + in_flight, self.opts,
                               shards={name: region.shards for name, region in self.regions.items()})
         for state, plan, validated in planned:
             if plan.refused:
@@ -432,44 +482,225 @@ class Runner:
                 res.status_writes = write_statuses(self.store, plan.region, status_updates(plan, res, validated, by_name), by_name)
                 results.append(res)
                 continue
+            self._settle_drift(state.settings, plan)
             if not plan.needs_operation:
                 res = StackResult(stack=plan.stack, region=plan.region)
                 res.status_writes = write_statuses(self.store, plan.region, status_updates(plan, res, validated, by_name), by_name)
                 results.append(res)
                 continue
             targets = None if plan.full else targets_for(plan, validated, state.settings, state.outputs)
-            self.progress(f"{plan.stack}: {'full up --refresh (' + plan.reason + ')' if plan.full else 'targeted up of ' + ', '.join(plan.touched)}")
+            self.progress(f"{plan.stack}: {describe(plan)}")
             work.append((state, plan, validated, targets))
 
-        for (state, plan, validated, _), res in zip(work, self._run(work, items)):
-            self.operations += res.operations
-            res.changed = len(plan.touched)
-            if res.outputs is not None and res.action in ("full", "targeted"):
-                state.outputs = res.outputs
-                state.checkpoint = self._checkpoint_token(state.settings.stack)
-            else:  # skipped (another update wrote), or failed: read the stack again next tick
-                if res.outputs is not None:
-                    state.outputs = res.outputs
-                state.outputs_loaded = False
-            if res.action == "full":
-                state.last_full = now
-            if res.action == "failed":
-                state.last_full = 0.0  # the next tick is a full reconcile: it clears what a failure left
-            if res.action == "skipped":
-                results.append(res)
-                continue
-            res.status_writes = write_statuses(self.store, plan.region, status_updates(plan, res, validated, by_name), by_name)
-            results.append(res)
+        for state, plan, validated, targets in work:
+            future = self._submit(state, items, plan, targets)
+            self._inflight[plan.stack] = (future, state, plan, validated, now)
+        results += self._harvest(block=not self.opts.overlap, by_name=by_name)
         return results
 
-    def _run(self, work, items) -> list[StackResult]:
-        args = [(state.settings, items, plan, state.outputs, self.env, self.opts, targets)
-                for state, plan, _, targets in work]
-        if self.opts.parallel <= 1 or len(args) <= 1:
-            return [operate(*a) for a in args]
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=self.opts.parallel, mp_context=get_context("spawn"))
-        return list(self._pool.map(operate, *zip(*args)))
+    def _quiet_stack(self, state: StackState, items: list[dict[str, Any]], generation: Any,
+                     drifted: Mapping[str, set[str]], now: float, force_full: bool) -> bool:
+        """A stack that was checked recently and has nothing to do by what the runner knows: its locks
+        and checkpoint (an S3 LIST each) are not looked at again before ``check_every``."""
+        if force_full or not state.outputs_loaded or not state.last_full or now - state.checked >= self.opts.check_every:
+            return False
+        if now >= state.next_sweep or any(state.settings.owns(n) for n in drifted.get(state.settings.region, ())):
+            return False
+        namespaces = state.settings.allowed_namespaces
+        everything = self._memoized(generation, namespaces, lambda: validate_all(items, allowed_namespaces=namespaces))
+        validated = self._memoized(generation, ("owned", state.settings.stack), lambda: owned(everything, state.settings))
+        desired = self._memoized(generation, ("desired", state.settings.stack),
+                                 lambda: desired_for_region(validated, state.settings))
+        plan = plan_stack(state.settings, validated, state.outputs, full_due=False, opts=self.opts, desired=desired)
+        return not plan.needs_operation
+
+    def _sweep(self, state: StackState, plan: Plan, applied: Mapping[str, Any], now: float) -> list[str]:
+        """The next endpoints of the periodic sweep: every applied endpoint is refreshed once per
+        ``full_every``, ``sweep_batch`` at a time, in name order after the last one swept."""
+        names = sorted(n for n in applied if n in plan.desired and n not in plan.targeted)
+        if not names:
+            state.next_sweep = now + self.opts.full_every
+            return []
+        batch = self.opts.sweep_batch
+        ordered = [n for n in names if n > state.sweep_cursor] + [n for n in names if n <= state.sweep_cursor]
+        swept = ordered[:batch]
+        state.sweep_cursor = swept[-1]
+        state.next_sweep = now + self._sweep_period(len(applied))
+        return swept
+
+    def _sweep_period(self, applied: int) -> float:
+        return self.opts.full_every * min(1.0, self.opts.sweep_batch / max(1, applied))
+
+    def _submit(self, state: StackState, items: list[dict[str, Any]], plan: Plan, targets: list[str] | None) -> Future:
+        args = (state.settings, items, plan, state.outputs, self.env, self.opts, targets)
+        if not self.opts.overlap and self.opts.parallel <= 1:
+            done: Future = Future()
+            done.set_result(operate(*args))
+            return done
+        for attempt in (1, 2):
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(max_workers=max(1, self.opts.parallel), mp_context=get_context("spawn"))
+            try:
+                future = self._pool.submit(operate, *args)
+                break
+            except BrokenProcessPool:  # a worker died (killed, out of memory): a new pool, once
+                self._pool = None
+                if attempt == 2:
+                    raise
+        future.add_done_callback(lambda _: self.wakeup().set())  # the run loop writes its status at once
+        return future
+
+    def _harvest(self, *, block: bool, by_name: Mapping[str, Any] | None = None) -> list[StackResult]:
+        """Results of the operations that ended (all of them when ``block``), in the order started."""
+        results: list[StackResult] = []
+        if block and self._inflight:
+            wait([f for f, *_ in self._inflight.values()])
+        for stack, (future, state, plan, validated, started) in list(self._inflight.items()):
+            if not future.done():
+                continue
+            del self._inflight[stack]
+            try:
+                res = future.result()
+            except Exception as exc:  # noqa: BLE001 - a worker that died (killed, out of memory)
+                res = StackResult(stack=plan.stack, region=plan.region, action="failed",
+                                  message=f"the operation's worker failed: {type(exc).__name__}: {exc}")
+                res.endpoint_errors[GENERAL] = res.message
+                self._pool = None  # a broken pool is replaced by the next operation
+            results.append(self._complete(state, plan, validated, res, started, by_name))
+        return results
+
+    def _complete(self, state: StackState, plan: Plan, validated: Validated, res: StackResult, started: float,
+                  by_name: Mapping[str, Any] | None) -> StackResult:
+        self.operations += res.operations
+        res.changed = len(plan.touched)
+        ended = time.monotonic()
+        for name in (plan.desired if plan.full else plan.targeted):
+            self._quiet[(plan.region, name)] = (started, ended)
+        if res.outputs is not None and res.action in ("full", "targeted"):
+            state.outputs = res.outputs
+            state.checkpoint = self._checkpoint_token(state.settings.stack)
+        else:  # skipped (another update wrote), or failed: read the stack again next tick
+            if res.outputs is not None:
+                state.outputs = res.outputs
+            state.outputs_loaded = False
+        if res.action == "full":
+            state.last_full = started
+            state.next_sweep = started + self._sweep_period(len((res.outputs or {}).get("endpoints") or {}))
+        if res.action == "failed":
+            state.last_full = 0.0  # the next tick is a full reconcile: it clears what a failure left
+        if res.action in ("skipped", "failed") and plan.drifted:
+            for name in plan.drifted:  # not repaired: the next tick tries again
+                self._drifted.setdefault(plan.region, {}).setdefault(name, "retry")
+        if res.action == "skipped":
+            return res
+        if by_name is None:  # an operation of an earlier tick: its status against the table as it is now
+            try:
+                current, _ = self.read_table()
+                by_name = {i.get("endpoint_name"): i for i in current if isinstance(i, Mapping)}
+            except StoreError as exc:
+                res.message = (res.message + "; " if res.message else "") + f"status not written: {exc}"
+                return res
+        res.status_writes = write_statuses(self.store, plan.region, status_updates(plan, res, validated, by_name), by_name)
+        return res
+
+    # ---- drift -----------------------------------------------------------------------------------
+
+    def _take_drift(self) -> dict[str, set[str]]:
+        """Region -> endpoints whose objects the watches saw changed or deleted, not yet repaired."""
+        for region, watch in self.drift.items():
+            for name, drift in watch.take().items():
+                self._drifted.setdefault(region, {})[name] = drift
+        return {region: set(names) for region, names in self._drifted.items() if names}
+
+    def _ours(self, region: str, name: str, drift: Any) -> bool:
+        """A deletion seen while our own operation on that endpoint ran (a removal, a replacement)."""
+        quiet = self._quiet.get((region, name))
+        seen = getattr(drift, "seen", None)
+        return bool(quiet and seen is not None and getattr(drift, "reason", "") == "deleted"
+                    and quiet[0] <= seen <= quiet[1] + DRIFT_GRACE)
+
+    def _drift_for(self, settings: StackSettings, plan: Plan, applied: Mapping[str, Any]) -> list[str]:
+        pending = self._drifted.get(settings.region) or {}
+        out = []
+        for name, drift in sorted(pending.items()):
+            if not settings.owns(name) or name not in applied or name not in plan.desired or name in plan.touched:
+                continue
+            if self._ours(settings.region, name, drift):
+                continue
+            out.append(name)
+            self.progress(f"{settings.stack}: {name}: {getattr(drift, 'kind', 'object')} "
+                          f"{getattr(drift, 'namespace', '')}/{getattr(drift, 'name', '')} "
+                          f"{getattr(drift, 'reason', 'changed')}; repairing it")
+        return out
+
+    def _settle_drift(self, settings: StackSettings, plan: Plan) -> None:
+        """This stack's pending drift is handled by its plan (repaired by it, a full reconcile, or
+        nothing to repair); a repair that fails puts it back (_complete)."""
+        pending = self._drifted.get(settings.region)
+        for name in [n for n in (pending or {}) if settings.owns(n)]:
+            del pending[name]
+
+    def _reread(self, items: list[dict[str, Any]], by_name: dict[str, Any],
+                names: set[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The items with those records read again (consistent gets); a record gone is left out."""
+        fresh = {name: self.store.get(name) for name in sorted(names) if name in by_name}
+        out = []
+        for item in items:
+            name = item.get("endpoint_name") if isinstance(item, Mapping) else None
+            if name in fresh:
+                if fresh[name] is not None:
+                    out.append(fresh[name])
+            else:
+                out.append(item)
+        return out, {i.get("endpoint_name"): i for i in out if isinstance(i, Mapping)}
+
+    def watch_drift(self) -> list[str]:
+        """Start a drift watch per region (drift.DriftWatch); returns why a region has none."""
+        from .drift import DriftWatch, watch_api_for
+
+        missing = []
+        for settings in self.regions.values():
+            if settings.region in self.drift:
+                continue
+            api = watch_api_for(settings)
+            if api is None:
+                missing.append(f"{settings.region}: no drift watch outside the cluster for EKS cluster "
+                               f"{settings.cluster_name}; the periodic full reconcile repairs drift there")
+                continue
+            watch = DriftWatch(api, settings.allowed_namespaces, on_change=self.wakeup().set)
+            watch.start()
+            self.drift[settings.region] = watch
+        return missing
+
+    def wakeup(self) -> threading.Event:
+        """Set by the drift watches when they record something (the run loop waits on it)."""
+        if not hasattr(self, "_wakeup"):
+            self._wakeup = threading.Event()
+        return self._wakeup
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._inflight)
+
+    def oldest_operation(self) -> float:
+        """Seconds the longest-running operation has run (0 when none runs)."""
+        now = time.monotonic()
+        return max((now - started for *_, started in self._inflight.values()), default=0.0)
+
+
+def describe(plan: Plan) -> str:
+    if plan.full:
+        return f"full up --refresh ({plan.reason})"
+    parts = [f"{what} {', '.join(names)}" for what, names in (("changes to", plan.touched),
+                                                                ("drift repair of", plan.drifted)) if names]
+    swept = [n for n in plan.swept if n not in plan.touched and n not in plan.drifted]
+    if swept:
+        parts.append(f"sweep of {len(swept)} endpoint(s) ({swept[0]} .. {swept[-1]})")
+    return "targeted up: " + "; ".join(parts)
+
+
+DRIFT_GRACE = 2.0
+"""Seconds after our own operation in which the watch may still deliver that operation's deletions."""
 
 
 def with_local_overrides(settings: StackSettings, kubeconfig: str | None, dynamodb: str | None, table: str | None) -> StackSettings:

@@ -90,9 +90,10 @@ def runner_rules() -> list[dict[str, Any]]:
 
 
 def health_rules() -> list[dict[str, Any]]:
-    """Readiness (Deployments) and the watchdog (it may only delete Ingresses)."""
-    return [{"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list"]},
-            {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses"], "verbs": ["get", "list", "delete"]}]
+    """Readiness (Deployments) and the watchdog (it may only delete Ingresses); both kinds are also
+    watched (the job's watch cache)."""
+    return [{"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses"], "verbs": ["get", "list", "watch", "delete"]}]
 
 
 def runner_pod_rules() -> list[dict[str, Any]]:
@@ -158,8 +159,12 @@ class Workloads:
     private copy of the project, where the engine runs, lives here."""
     home_dir: str = "/home/gco"
     """HOME of the runner (the image's user), an emptyDir: PULUMI_HOME is ``<home_dir>/.pulumi``."""
-    interval: int = 15
-    full_every: int = 600
+    interval: int = 2
+    full_every: int = 21600
+    parallel: int = 2
+    """Runner worker processes (each up to about 400 MiB while it operates a stack): within the
+    container's memory limit, whatever the node's CPU count."""
+    """The backstop: drift is repaired by the runner's watch in seconds."""
     health_replicas: int = 2
 
     @property
@@ -206,6 +211,7 @@ def runner_deployment(w: Workloads) -> dict[str, Any]:
     container = {
         "name": "runner", "image": w.image,
         "args": ["run", "--stack", "$(GCO_STACK)", "--interval", str(w.interval), "--full-every", str(w.full_every),
+                 "--parallel", str(w.parallel),
                  "--liveness-port", str(LIVENESS_PORT)],
         "env": _pod_env(w, {"PULUMI_BACKEND_URL": w.backend_url, "GCO_SECRETS_PROVIDER": w.secrets_provider,
                             "HOME": w.home_dir, "PULUMI_HOME": w.pulumi_home,

@@ -153,7 +153,8 @@ def test_promotion_only_when_all_regions_run_and_a_concurrent_stop_wins(env, tic
     def stop_racer(**_):  # between the job's read and its write, someone stops "racer"
         other.set_desired_state("racer", "stopped", expected="deploying")
 
-    j.store._table.meta.client.meta.events.register("after-call.dynamodb.Scan", stop_racer)
+    for read in ("Scan", "BatchGetItem"):  # a complete scan, or the re-read of what the table's stream names
+        j.store._table.meta.client.meta.events.register(f"after-call.dynamodb.{read}", stop_racer)
     r = j.tick()
     assert "promo" in r.promoted and "racer" not in r.promoted
     assert env.store().get("promo")["desired_state"] == "running"

@@ -49,10 +49,10 @@ def test_one_change_among_many_is_targeted():
     assert not any("::e8" in u for u in urns)
 
 
-def test_first_apply_and_periodic_are_full():
+def test_first_apply_and_a_due_full_reconcile_are_full():
     items = [item("a")]
     assert plan_stack(S, validate_all(items), None, full_due=False, opts=OPTS).full
-    assert plan_stack(S, validate_all(items), outputs_for(items), full_due=True, opts=OPTS).reason == "periodic full reconcile"
+    assert plan_stack(S, validate_all(items), outputs_for(items), full_due=True, opts=OPTS).reason == "full reconcile"
 
 
 def test_removal_targets_old_objects_including_canary():

@@ -75,7 +75,9 @@ def test_runner_policy_exactly():
 
 def test_health_policy_exactly():
     assert iam.health_policy(NAMES) == {"Version": "2012-10-17", "Statement": [
-        allow("ReadEndpoints", ["dynamodb:Scan"], TABLES),
+        allow("ReadEndpoints", ["dynamodb:BatchGetItem", "dynamodb:DescribeTable", "dynamodb:Scan"], TABLES),
+        allow("FollowTableStream", ["dynamodb:DescribeStream", "dynamodb:GetRecords", "dynamodb:GetShardIterator"],
+              list(STREAMS)),
         allow("WriteStatusAndPromote", ["dynamodb:UpdateItem"], TABLES,
               {"ForAllValues:StringEquals": {"dynamodb:Attributes": ["endpoint_name", "region_status", "desired_state",
                                                                       "updated_at"]}}),

@@ -182,7 +182,9 @@ def test_runner_role_policy_every_statement(stack, region):
 def test_health_role_policy_every_statement(stack):
     res, _, _ = stack
     assert statements(policy_of(res, "gco-health")) == {
-        "ReadEndpoints": (["dynamodb:Scan"], TABLES, None),
+        "ReadEndpoints": (["dynamodb:BatchGetItem", "dynamodb:DescribeTable", "dynamodb:Scan"], TABLES, None),
+        "FollowTableStream": (["dynamodb:DescribeStream", "dynamodb:GetRecords", "dynamodb:GetShardIterator"],
+                              [stream(r) for r in REGIONS], None),
         "WriteStatusAndPromote": (["dynamodb:UpdateItem"], TABLES, {"ForAllValues:StringEquals": {
             "dynamodb:Attributes": ["endpoint_name", "region_status", "desired_state", "updated_at"]}}),
         "PurgeDeletedEndpoints": (["dynamodb:DeleteItem"], TABLES, None),

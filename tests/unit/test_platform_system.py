@@ -54,8 +54,8 @@ def test_health_reads_deployments_deletes_ingresses_and_holds_one_lease():
     objs = system.identities(NAMESPACES)
     for ns in NAMESPACES:
         assert rules(objs, f"Role/{ns}/gco-health") == [
-            {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list"]},
-            {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses"], "verbs": ["get", "list", "delete"]},
+            {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses"], "verbs": ["get", "list", "watch", "delete"]},
         ]
         assert by_key(objs)[f"RoleBinding/{ns}/gco-health"]["subjects"] == [
             {"kind": "ServiceAccount", "name": "gco-health", "namespace": "gco-system"}]
@@ -119,7 +119,7 @@ def test_runner_deployment():
                                       "seccompProfile": {"type": "RuntimeDefault"}}
     (c,) = pod["containers"]
     assert c["image"] == WORKLOADS.image
-    assert c["args"] == ["run", "--stack", "$(GCO_STACK)", "--interval", "15", "--full-every", "600",
+    assert c["args"] == ["run", "--stack", "$(GCO_STACK)", "--interval", "2", "--full-every", "21600", "--parallel", "2",
                          "--liveness-port", "8081"]
     env = {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
     assert env == {
