@@ -117,6 +117,7 @@ def run_loop(runner: Runner, stop: threading.Event, ticks: list[float], errors: 
         for res in runner.tick():
             if res.action in ("failed", "refused"):
                 errors.append(res.summary())
+                print("failed or refused:", res.summary(), res.endpoint_errors, flush=True)
         ticks.append(time.monotonic() - started)
         runner.wakeup().wait(max(0.0, DEFAULT_INTERVAL - (time.monotonic() - started)))
         runner.wakeup().clear()
@@ -201,10 +202,14 @@ def main() -> None:
                         next_write += args.every
                     if now >= next_drift:
                         name = f"bench-{rng.randrange(args.n):04d}"
-                        uid = core.read_namespaced_service(name, NAMESPACE).metadata.uid
-                        core.delete_namespaced_service(name, NAMESPACE)
-                        drifts.append((name, uid, time.monotonic()))
-                        next_drift += args.drift_every
+                        try:
+                            uid = core.read_namespaced_service(name, NAMESPACE).metadata.uid
+                            core.delete_namespaced_service(name, NAMESPACE)
+                            drifts.append((name, uid, time.monotonic()))
+                            next_drift += args.drift_every
+                        except client.ApiException as exc:  # not there (being repaired): another one
+                            if exc.status != 404:
+                                raise
                     time.sleep(0.05)
                 deadline = time.monotonic() + 120
                 while time.monotonic() < deadline and any(live.when(n, v) is None for n, v, _ in writes[-5:]):

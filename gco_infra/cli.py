@@ -288,6 +288,9 @@ def build_runner(stacks: list[str], opts: Any, progress):
 
 OPERATION_LIMIT = 3600.0
 """Seconds after which a running Pulumi operation makes the runner's liveness probe fail."""
+SHUTDOWN_WAIT = 80.0
+"""On SIGTERM, seconds the running operations get to end before their engines are interrupted
+(then 30 s more to write their checkpoints): inside the runner pod's 120 s grace period."""
 
 
 @main.command("run")
@@ -315,8 +318,9 @@ OPERATION_LIMIT = 3600.0
 @click.option("--max-delete-fraction", type=float, default=0.10, show_default=True, help="Deletion bound, as a fraction of a region's endpoints (all shards together).")
 @click.option("--max-delete-min", type=int, default=2, show_default=True, help="Deletion bound floor (endpoints).")
 @click.option("--parallel", type=int, default=None,
-              help="Stacks operated at once (one worker process each). Default: the CPUs, at least 2, at most the "
-                   "number of stacks. With 2 or more, periodic full reconciles leave a worker free for changes.")
+              help="Stacks operated at once (one worker process each, up to about 400 MiB while it operates). "
+                   "Default: the CPUs this process may use (affinity and cgroup quota), at least 2, at most the "
+                   "number of stacks. With 2 or more, full reconciles never take the last free worker.")
 @click.option("--table-stream/--no-table-stream", default=True, show_default=True, envvar="GCO_TABLE_STREAM",
               help="When the table has a DynamoDB stream (any view type), re-read only the items written since "
                    "the last tick instead of scanning the whole table; without a stream every tick scans.")
@@ -330,11 +334,13 @@ OPERATION_LIMIT = 3600.0
 def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float | None, watch: bool, checkpoints: bool,
         full: bool, allow_mass_delete: bool, max_delete_fraction: float, max_delete_min: int, parallel: int | None,
         table_stream: bool, rescan_every: float, liveness_port: int | None, metrics_port: int | None) -> None:
-    """Apply the regional stacks from the table: nothing when nothing changed, targeted updates for a few
-    changed endpoints, a full `up --refresh` periodically."""
+    """Apply the regional stacks from the table: nothing when nothing changed, a targeted update of the
+    endpoints that changed or drifted, a full `up --refresh` on the first tick and after a failure.
+    Operations run in worker processes beside the ticks; see the README's "The runner"."""
     from .plan import EXIT_CONFIG, EXIT_STORE, RunnerOptions, exit_code
 
     watch = watch and not once
+    full_every_given = full_every
     if full_every is None:
         full_every = 21600.0 if watch else 600.0
     opts = RunnerOptions(full_every=full_every, allow_mass_delete=allow_mass_delete, parallel=parallel or 1,
@@ -347,10 +353,13 @@ def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float 
         console.print(f"[red]error:[/] {exc}")
         sys.exit(EXIT_CONFIG)
     if parallel is None:
-        runner.opts = opts = replace(opts, parallel=max(1, min(max(2, os.cpu_count() or 1), len(runner.states))))
+        runner.opts = opts = replace(opts, parallel=max(1, min(max(2, available_cpus()), len(runner.states))))
     if watch:
-        for reason in runner.watch_drift():
-            log.warning("drift watch", msg=reason)
+        for region in runner.watch_drift():
+            if full_every_given is None:  # the default: without a watch, the sweep is the only repair
+                runner.full_every_for[region] = 600.0
+            log.warning("no drift watch", region=region,
+                        full_every=runner.full_every_for.get(region, full_every))
     stop = {"now": False}
 
     def terminate(*_: Any) -> None:
@@ -375,6 +384,7 @@ def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float 
         metrics.serve(metrics_port)
     first = True
     code = 0
+    watch_problems: dict[str, str] = {}
     try:
         while True:
             started = time.monotonic()
@@ -389,14 +399,20 @@ def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float 
                 log.error("tick failed", error=str(exc))
                 code = EXIT_CONFIG
                 results = []
-            for r in results:
+            eventful = [r for r in results if r.action != "none" or r.status_writes or once]
+            for r in eventful:
                 log.info("stack", summary=r.summary(), stack=r.stack, action=r.action, changed=r.changed,
                          created=r.created, updated=r.updated, deleted=r.deleted, failed=r.failed,
                          seconds=round(r.seconds, 2), errors=r.endpoint_errors or None)
             if results:
                 code = exit_code(results)
+            if eventful:
                 log.info("tick", table_read=runner.last_read, seconds=round(time.monotonic() - started, 2),
                          operations=sum(r.operations for r in results))
+            problems = runner.watch_problems()
+            if problems != watch_problems:
+                log.warning("drift watch", problems=problems or None)
+                watch_problems = problems
             if metrics is not None:
                 from .metrics import OUTCOMES
 
@@ -411,9 +427,25 @@ def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float 
             runner.wakeup().clear()
             if stop["now"]:
                 break
+        if stop["now"] and runner.busy:
+            log.info("shutting down: waiting for the running operations", running=len(runner._inflight))
+            for r in runner.drain(SHUTDOWN_WAIT):
+                log.info("stack", summary=r.summary(), stack=r.stack, action=r.action, errors=r.endpoint_errors or None)
     finally:
         runner.close()
     sys.exit(code if once else 0)
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity, and its cgroup's CPU quota (a container's limit)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
 
 
 # ---- previews --------------------------------------------------------------------------------------------------------

@@ -242,6 +242,14 @@ class DriftWatch:
             t.join(max(0.0, deadline - time.monotonic()))
         self._threads = []
 
+    def objects(self) -> dict[tuple[str, str, str], str]:
+        """(kind, namespace, name) -> endpoint, for every object written by our managers that exists now."""
+        out = {}
+        for s in self._streams:
+            for name, endpoint, _ in dict(s.known).values():
+                out[(s.kind.kind, s.namespace, name)] = endpoint
+        return out
+
     def take(self) -> dict[str, Drift]:
         """Endpoint name -> its first drift since the last take; clears them."""
         with self._lock:

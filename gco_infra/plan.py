@@ -29,6 +29,8 @@ class RunnerOptions:
     stack for minutes, but sweeps: a few endpoints at a time join a targeted update (``sweep_batch``)."""
     sweep_batch: int = 25
     """Endpoints refreshed by one sweep of a stack."""
+    deletion_window: float = 600.0
+    """Endpoints removed within this many seconds count together against the deletion bound."""
     check_every: float = 30.0
     """Seconds between checks of a stack's locks and checkpoint (an S3 LIST each) while the stack has
     nothing to do; a stack with something to do is always checked before its operation."""
@@ -77,6 +79,8 @@ class Plan:
     drifted: list[str] = field(default_factory=list)
     """Unchanged endpoints whose objects someone else changed or deleted (the drift watch): their
     objects are refreshed and declared again in a targeted update; their status is left alone."""
+    drift_seen: dict[str, Any] = field(default_factory=dict)
+    """Endpoint -> the drift (drift.Drift) its repair answers; put back if the repair does not happen."""
     swept: list[str] = field(default_factory=list)
     """Unchanged endpoints refreshed by this stack's periodic sweep (RunnerOptions.full_every), as drifted ones."""
 
@@ -134,8 +138,10 @@ def applied_fingerprints(outputs: Mapping[str, Any] | None) -> dict[str, str]:
 
 
 def plan_stack(settings: StackSettings, validated: Validated, outputs: Mapping[str, Any] | None, *,
-               full_due: bool, opts: RunnerOptions, desired: dict[str, str] | None = None) -> Plan:
-    """What this tick does to one stack. ``desired``: desired_for_region(validated, settings), if known."""
+               full_due: bool, opts: RunnerOptions, desired: dict[str, str] | None = None,
+               recently_removed: int = 0) -> Plan:
+    """What this tick does to one stack. ``desired``: desired_for_region(validated, settings), if known;
+    ``recently_removed``: endpoints removed from the stack within opts.deletion_window."""
     if desired is None:
         desired = desired_for_region(validated, settings)
     applied = applied_fingerprints(outputs)
@@ -158,22 +164,27 @@ def plan_stack(settings: StackSettings, validated: Validated, outputs: Mapping[s
     plan.notes = {n: "; ".join(t) for n in desired if (t := m.declaration_notes(validated.endpoints[n], settings.region,
                                                                               settings.cluster))}
     plan.kept = sorted(n for n in validated.invalid if n in applied)
-    plan.refused = removal_refusal(settings.stack, len(plan.removed), len(applied), opts)
+    plan.refused = removal_refusal(settings.stack, len(plan.removed), len(applied), opts, recent=recently_removed)
     return plan
 
 
-def removal_refusal(where: str, removed: int, applied: int, opts: RunnerOptions) -> str | None:
-    """Why removing ``removed`` of ``applied`` endpoints is refused, or None when within the bound."""
-    bound = max(opts.max_delete_min, int(applied * opts.max_delete_fraction))
-    if removed <= bound or opts.allow_mass_delete:
+def removal_refusal(where: str, removed: int, applied: int, opts: RunnerOptions, recent: int = 0) -> str | None:
+    """Why removing ``removed`` of ``applied`` endpoints is refused, or None when within the bound.
+
+    ``recent``: endpoints this runner removed from there within ``opts.deletion_window``; they count
+    against the same bound, so removals that arrive a few at a time are bounded as one would be."""
+    before = applied + recent
+    bound = max(opts.max_delete_min, int(before * opts.max_delete_fraction))
+    if removed + recent <= bound or opts.allow_mass_delete:
         return None
-    return (f"refusing to remove {removed} endpoints from {where} "
-            f"(bound {bound}: max({opts.max_delete_min}, {opts.max_delete_fraction:.0%} of {applied})); "
+    already = f", {recent} already removed in the last {opts.deletion_window:.0f}s" if recent else ""
+    return (f"refusing to remove {removed} endpoints from {where}{already} "
+            f"(bound {bound}: max({opts.max_delete_min}, {opts.max_delete_fraction:.0%} of {before})); "
             "re-run with --allow-mass-delete if this is intended")
 
 
 def bound_sharded_regions(plans: list[tuple[StackSettings, Plan]], opts: RunnerOptions,
-                          shards: Mapping[str, int] | None = None) -> None:
+                          shards: Mapping[str, int] | None = None, recent: Mapping[str, int] | None = None) -> None:
     """Apply the mass-deletion bound to a sharded region as a whole, not per shard.
 
     Per shard, the minimum of the bound would let each of k shards remove that many endpoints. When
@@ -188,7 +199,8 @@ def bound_sharded_regions(plans: list[tuple[StackSettings, Plan]], opts: RunnerO
     for region_stack, shard_plans in regions.items():
         removed = sum(len(p.removed) for p in shard_plans)
         applied = sum(p.applied for p in shard_plans)
-        refusal = removal_refusal(f"{region_stack} (all its shards)", removed, applied, opts)
+        refusal = removal_refusal(f"{region_stack} (all its shards)", removed, applied, opts,
+                                  recent=(recent or {}).get(region_stack, 0))
         expected = (shards or {}).get(region_stack, len(shard_plans))
         if refusal is None and removed and len(shard_plans) < expected and not opts.allow_mass_delete:
             waiting = (f"not removing {removed} endpoint(s) from {region_stack} this tick: only {len(shard_plans)} of "

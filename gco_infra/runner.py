@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 import traceback
 import threading
@@ -17,6 +18,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from . import state as state_backend
@@ -202,12 +204,18 @@ def _engine_message(text: str) -> str:
 
 
 def write_statuses(store: EndpointStore, region: str, updates: Mapping[str, Mapping[str, Any]],
-                   items: Mapping[str, Mapping[str, Any]]) -> int:
+                   items: dict[str, Mapping[str, Any]]) -> int:
+    """Conditional writes of the statuses; ``items`` (the table as read) then holds what was written,
+    so a later write of the same tick expects the value the table now has."""
     writes = 0
     for name, status in updates.items():
-        stored = stored_region_status(items.get(name) or {}, region)
+        item = items.get(name) or {}
+        stored = stored_region_status(item, region)
         if store.write_region_status(name, region, status, expected=stored):
             writes += 1
+            statuses = item.get("region_status")
+            items[name] = {**item, "region_status": {**(statuses if isinstance(statuses, Mapping) else {}),
+                                                     region: dict(status)}}
     return writes
 
 
@@ -255,21 +263,31 @@ class Runner:
         self._cache: TableCache | None = None
         self._memo: dict[Any, Any] = {}
         """Validation and fingerprints of the current table generation (reused while nothing is written)."""
-        self._inflight: dict[str, tuple[Future, StackState, Plan, Validated, float]] = {}
-        """Operations still running (opts.overlap), by stack."""
+        self._inflight: dict[str, Operation] = {}
+        """Operations running in the workers, by stack (with opts.overlap, across ticks)."""
+        self._unreported: list[StackResult] = []
+        """Results not yet returned by a tick (kept when a tick raises)."""
+        self._wakeup = threading.Event()
         self.drift: dict[str, Any] = {}
         """Drift watches by region name (drift.DriftWatch): endpoints whose objects someone else changed."""
         self._drifted: dict[str, dict[str, Any]] = {}
         """Region -> endpoint -> Drift, taken from the watches and not yet repaired."""
-        self._quiet: dict[tuple[str, str], tuple[float, float]] = {}
-        """(region, endpoint) -> (start, end) of our last operation on it: deletions the watch saw then were ours."""
+        self._repairs: dict[tuple[str, str], list[float]] = {}
+        """(region, endpoint) -> when drift repairs of it were started (REPAIR_LIMIT per REPAIR_WINDOW)."""
+        self._removals: list[tuple[float, str, str, int]] = []
+        """(when, stack, region stack, endpoints) removed by this runner, for opts.deletion_window."""
+        self._orphan_check: dict[str, bool] = {}
+        """Region -> look for objects no stack holds (after a full reconcile there)."""
+        self.full_every_for: dict[str, float] = {}
+        """Region -> its own full_every (a region without a drift watch sweeps more often)."""
 
     def close(self) -> None:
         for watch in self.drift.values():
             watch.stop()
         self.drift = {}
-        for future, *_ in self._inflight.values():
-            future.cancel()
+        for op in self._inflight.values():
+            op.future.cancel()
+        self._inflight = {}
         if self._pool:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -404,26 +422,29 @@ class Runner:
 
         With ``opts.overlap`` the tick returns without waiting for the operations it started: their
         results come with the first tick after they end, and their stacks are left out until then.
+        An operation starts only when a worker is free for it, from what this tick read (a stack
+        that must wait is planned again, from a fresh read, by a later tick); changes and drift
+        repairs go first, and full reconciles never take the last free worker.
         """
         items, generation = self.read_table()
         by_name = {i.get("endpoint_name"): i for i in items if isinstance(i, Mapping)}
-        results: list[StackResult] = self._harvest(block=False, by_name=by_name)
+        self._unreported += self._harvest(block=False, by_name=by_name)
+        self._report_orphans()
+        drifted = self._take_drift()
+        reread = {n for region, names in drifted.items() for n in names
+                  if not any(op.plan.region == region and op.state.settings.owns(n) for op in self._inflight.values())}
+        if reread:
+            # The watch saw an object change: read those records again with consistent reads, so a
+            # repair never acts on a stream that lags behind the health job's withdrawal of an Ingress.
+            items, generation = self._reread(items, reread)
+            by_name = {i.get("endpoint_name"): i for i in items if isinstance(i, Mapping)}
         if "status problems" not in self._memo or self._memo.get("generation") != generation:
             # reported once per table generation: the record's status is left alone, nothing else is affected
             for problem in self._memoized(generation, "status problems",
                                           lambda: [p for i in items if (p := region_status_problem(i))]):
                 self.progress(f"{problem} (reported; every other record and field goes on)")
-        drifted = self._take_drift()
-        busy = [st.settings for _, st, _, _, _ in self._inflight.values()]
-        reread = {n for region, names in drifted.items() for n in names
-                  if not any(b.region == region and b.owns(n) for b in busy)}
-        if reread:
-            # The watch saw an object change: read those records again with consistent reads, so a
-            # repair never acts on a stream that lags behind the health job's withdrawal of an Ingress.
-            items, by_name = self._reread(items, by_name, reread)
-            generation = (generation, "drift", time.monotonic())
         now = time.monotonic()
-        work: list[tuple[StackState, Plan, Validated, list[str] | None]] = []
+        results: list[StackResult] = []
         ready: list[StackState] = []
         for state in self.states.values():
             if state.settings.stack in self._inflight:
@@ -448,6 +469,7 @@ class Runner:
                 continue
             ready.append(state)
         misplaced, unknown = self.check_regions()
+        recent = self._recent_removals(now)
         planned: list[tuple[StackState, Plan, Validated]] = []
         for state in ready:
             region_stack = state.settings.region_stack
@@ -459,44 +481,72 @@ class Runner:
                 results.append(StackResult(stack=state.settings.stack, region=state.settings.region, action="skipped",
                                            message=f"region {region_stack} waits: {unknown[region_stack]}"))
                 continue
-            namespaces = state.settings.allowed_namespaces
-            everything = self._memoized(generation, namespaces, lambda: validate_all(items, allowed_namespaces=namespaces))
-            validated = self._memoized(generation, ("owned", state.settings.stack), lambda: owned(everything, state.settings))
-            desired = self._memoized(generation, ("desired", state.settings.stack),
-                                     lambda: desired_for_region(validated, state.settings))
+            validated, desired = self._declared(state, items, generation)
             plan = plan_stack(state.settings, validated, state.outputs, full_due=force_full or not state.last_full,
-                              opts=self.opts, desired=desired)
+                              opts=self.opts, desired=desired, recently_removed=recent.get(state.settings.stack, 0))
             if not plan.full:
                 applied = (state.outputs or {}).get("endpoints") or {}
                 if state.settings.region in drifted:
-                    plan.drifted = self._drift_for(state.settings, plan, applied)
+                    plan.drifted = self._drift_for(state.settings, plan, applied, now)
                 if now >= state.next_sweep:
-                    plan.swept = self._sweep(state, plan, applied, now)
+                    plan.swept = sweep_batch(plan, applied, state.sweep_cursor, self.opts.sweep_batch)
             planned.append((state, plan, validated))
-        in_flight = [(st.settings, replace(pl, refused=None)) for _, st, pl, _, _ in self._inflight.values()]
+        in_flight = [(op.state.settings, replace(op.plan, refused=None)) for op in self._inflight.values()]
         bound_sharded_regions([(state.settings, plan) for state, plan, _ in planned] + in_flight, self.opts,
-                              shards={name: region.shards for name, region in self.regions.items()})
+                              shards={name: region.shards for name, region in self.regions.items()},
+                              recent={k: v for k, v in recent.items() if k in self.regions})
+        work: list[tuple[StackState, Plan, Validated]] = []
         for state, plan, validated in planned:
             if plan.refused:
                 res = StackResult(stack=plan.stack, region=plan.region, action="refused", message=plan.refused)
                 res.status_writes = write_statuses(self.store, plan.region, status_updates(plan, res, validated, by_name), by_name)
                 results.append(res)
                 continue
-            self._settle_drift(state.settings, plan)
             if not plan.needs_operation:
+                self._settle_drift(state.settings, plan)
+                if plan.swept == [] and now >= state.next_sweep:
+                    state.next_sweep = now + self._sweep_period(state)  # nothing applied here to sweep
                 res = StackResult(stack=plan.stack, region=plan.region)
                 res.status_writes = write_statuses(self.store, plan.region, status_updates(plan, res, validated, by_name), by_name)
                 results.append(res)
                 continue
+            work.append((state, plan, validated))
+        # Changes and repairs first; full reconciles after them, and never on the last free worker.
+        work.sort(key=lambda w: w[1].full)
+        for state, plan, validated in work:
+            if not self._may_start(plan):
+                continue  # planned again by a later tick, from what the table says then
+            self._settle_drift(state.settings, plan)
+            if plan.swept:
+                state.sweep_cursor = plan.swept[-1]
+                state.next_sweep = now + self._sweep_period(state)
             targets = None if plan.full else targets_for(plan, validated, state.settings, state.outputs)
             self.progress(f"{plan.stack}: {describe(plan)}")
-            work.append((state, plan, validated, targets))
+            self._inflight[plan.stack] = Operation(self._submit(state, items, plan, targets), state, plan, validated,
+                                                   time.monotonic())
+        self._unreported += results
+        if not self.opts.overlap:
+            self._unreported += self._harvest(block=True, by_name=by_name)
+        out, self._unreported = self._unreported, []
+        return out
 
-        for state, plan, validated, targets in work:
-            future = self._submit(state, items, plan, targets)
-            self._inflight[plan.stack] = (future, state, plan, validated, now)
-        results += self._harvest(block=not self.opts.overlap, by_name=by_name)
-        return results
+    def _may_start(self, plan: Plan) -> bool:
+        """Whether a worker is free for this operation now (always, when ticks wait for operations).
+        A full reconcile never takes the last free worker: it stays for changes and repairs."""
+        if not self.opts.overlap:
+            return True
+        running = len(self._inflight)
+        if running >= max(1, self.opts.parallel):
+            return False
+        return not (plan.full and self.opts.parallel >= 2 and running >= self.opts.parallel - 1)
+
+    def _declared(self, state: StackState, items: list[dict[str, Any]], generation: Any) -> tuple[Validated, dict[str, str]]:
+        namespaces = state.settings.allowed_namespaces
+        everything = self._memoized(generation, namespaces, lambda: validate_all(items, allowed_namespaces=namespaces))
+        validated = self._memoized(generation, ("owned", state.settings.stack), lambda: owned(everything, state.settings))
+        desired = self._memoized(generation, ("desired", state.settings.stack),
+                                 lambda: desired_for_region(validated, state.settings))
+        return validated, desired
 
     def _quiet_stack(self, state: StackState, items: list[dict[str, Any]], generation: Any,
                      drifted: Mapping[str, set[str]], now: float, force_full: bool) -> bool:
@@ -506,30 +556,27 @@ class Runner:
             return False
         if now >= state.next_sweep or any(state.settings.owns(n) for n in drifted.get(state.settings.region, ())):
             return False
-        namespaces = state.settings.allowed_namespaces
-        everything = self._memoized(generation, namespaces, lambda: validate_all(items, allowed_namespaces=namespaces))
-        validated = self._memoized(generation, ("owned", state.settings.stack), lambda: owned(everything, state.settings))
-        desired = self._memoized(generation, ("desired", state.settings.stack),
-                                 lambda: desired_for_region(validated, state.settings))
+        validated, desired = self._declared(state, items, generation)
         plan = plan_stack(state.settings, validated, state.outputs, full_due=False, opts=self.opts, desired=desired)
         return not plan.needs_operation
 
-    def _sweep(self, state: StackState, plan: Plan, applied: Mapping[str, Any], now: float) -> list[str]:
-        """The next endpoints of the periodic sweep: every applied endpoint is refreshed once per
-        ``full_every``, ``sweep_batch`` at a time, in name order after the last one swept."""
-        names = sorted(n for n in applied if n in plan.desired and n not in plan.targeted)
-        if not names:
-            state.next_sweep = now + self.opts.full_every
-            return []
-        batch = self.opts.sweep_batch
-        ordered = [n for n in names if n > state.sweep_cursor] + [n for n in names if n <= state.sweep_cursor]
-        swept = ordered[:batch]
-        state.sweep_cursor = swept[-1]
-        state.next_sweep = now + self._sweep_period(len(applied))
-        return swept
+    def _sweep_period(self, state: StackState) -> float:
+        """Seconds between two sweeps of a stack, so that every endpoint it holds is refreshed once per
+        full_every (per region: a region without a drift watch may sweep more often)."""
+        every = self.full_every_for.get(state.settings.region, self.opts.full_every)
+        applied = len((state.outputs or {}).get("endpoints") or {})
+        return every * min(1.0, self.opts.sweep_batch / max(1, applied))
 
-    def _sweep_period(self, applied: int) -> float:
-        return self.opts.full_every * min(1.0, self.opts.sweep_batch / max(1, applied))
+    def _recent_removals(self, now: float) -> dict[str, int]:
+        """Endpoints removed within opts.deletion_window, by stack and by region stack."""
+        horizon = now - self.opts.deletion_window
+        self._removals = [(t, stack, region_stack, n) for t, stack, region_stack, n in self._removals if t >= horizon]
+        out: dict[str, int] = {}
+        for _, stack, region_stack, n in self._removals:
+            out[stack] = out.get(stack, 0) + n
+            if region_stack != stack:
+                out[region_stack] = out.get(region_stack, 0) + n
+        return out
 
     def _submit(self, state: StackState, items: list[dict[str, Any]], plan: Plan, targets: list[str] | None) -> Future:
         args = (state.settings, items, plan, state.outputs, self.env, self.opts, targets)
@@ -544,64 +591,108 @@ class Runner:
                 future = self._pool.submit(operate, *args)
                 break
             except BrokenProcessPool:  # a worker died (killed, out of memory): a new pool, once
-                self._pool = None
+                self._replace_pool()
                 if attempt == 2:
                     raise
-        future.add_done_callback(lambda _: self.wakeup().set())  # the run loop writes its status at once
+        future.add_done_callback(lambda _: self._wakeup.set())  # the run loop writes its status at once
         return future
 
-    def _harvest(self, *, block: bool, by_name: Mapping[str, Any] | None = None) -> list[StackResult]:
-        """Results of the operations that ended (all of them when ``block``), in the order started."""
+    def _replace_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
+
+    def _harvest(self, *, block: bool, by_name: Mapping[str, Any] | None) -> list[StackResult]:
+        """Results of the operations that ended (all of them when ``block``), in the order started.
+        ``by_name``: the table as just read (None: it could not be read; no status is written)."""
         results: list[StackResult] = []
         if block and self._inflight:
-            wait([f for f, *_ in self._inflight.values()])
-        for stack, (future, state, plan, validated, started) in list(self._inflight.items()):
-            if not future.done():
+            wait([op.future for op in self._inflight.values()])
+        for stack, op in list(self._inflight.items()):
+            if not op.future.done():
                 continue
             del self._inflight[stack]
             try:
-                res = future.result()
+                res = op.future.result()
             except Exception as exc:  # noqa: BLE001 - a worker that died (killed, out of memory)
-                res = StackResult(stack=plan.stack, region=plan.region, action="failed",
+                res = StackResult(stack=op.plan.stack, region=op.plan.region, action="failed",
                                   message=f"the operation's worker failed: {type(exc).__name__}: {exc}")
                 res.endpoint_errors[GENERAL] = res.message
-                self._pool = None  # a broken pool is replaced by the next operation
-            results.append(self._complete(state, plan, validated, res, started, by_name))
+                if isinstance(exc, BrokenProcessPool):
+                    self._replace_pool()  # the next operation starts a new pool
+            results.append(self._complete(op, res, by_name))
         return results
 
-    def _complete(self, state: StackState, plan: Plan, validated: Validated, res: StackResult, started: float,
-                  by_name: Mapping[str, Any] | None) -> StackResult:
+    def _complete(self, op: Operation, res: StackResult, by_name: Mapping[str, Any] | None) -> StackResult:
+        state, plan, validated = op.state, op.plan, op.validated
         self.operations += res.operations
         res.changed = len(plan.touched)
-        ended = time.monotonic()
-        for name in (plan.desired if plan.full else plan.targeted):
-            self._quiet[(plan.region, name)] = (started, ended)
         if res.outputs is not None and res.action in ("full", "targeted"):
             state.outputs = res.outputs
             state.checkpoint = self._checkpoint_token(state.settings.stack)
+            if plan.removed and not res.failed:
+                self._removals.append((time.monotonic(), plan.stack, state.settings.region_stack, len(plan.removed)))
         else:  # skipped (another update wrote), or failed: read the stack again next tick
             if res.outputs is not None:
                 state.outputs = res.outputs
             state.outputs_loaded = False
         if res.action == "full":
-            state.last_full = started
-            state.next_sweep = started + self._sweep_period(len((res.outputs or {}).get("endpoints") or {}))
+            self._orphan_check[plan.region] = True
+            state.last_full = op.started
+            state.next_sweep = op.started + self._sweep_period(state)
         if res.action == "failed":
             state.last_full = 0.0  # the next tick is a full reconcile: it clears what a failure left
-        if res.action in ("skipped", "failed") and plan.drifted:
-            for name in plan.drifted:  # not repaired: the next tick tries again
-                self._drifted.setdefault(plan.region, {}).setdefault(name, "retry")
+        if res.action in ("skipped", "failed"):
+            for name, drift in plan.drift_seen.items():  # not repaired: the next tick tries again
+                self._drifted.setdefault(plan.region, {}).setdefault(name, drift)
         if res.action == "skipped":
             return res
-        if by_name is None:  # an operation of an earlier tick: its status against the table as it is now
-            try:
-                current, _ = self.read_table()
-                by_name = {i.get("endpoint_name"): i for i in current if isinstance(i, Mapping)}
-            except StoreError as exc:
-                res.message = (res.message + "; " if res.message else "") + f"status not written: {exc}"
-                return res
+        if by_name is None:
+            res.message = (res.message + "; " if res.message else "") + "status not written: the table could not be read"
+            return res
         res.status_writes = write_statuses(self.store, plan.region, status_updates(plan, res, validated, by_name), by_name)
         return res
+
+    def drain(self, timeout: float) -> list[StackResult]:
+        """On shutdown: start nothing more, wait up to ``timeout`` seconds for the running operations
+        (writing their statuses), then interrupt the engines still running (SIGINT: the engine
+        cancels and writes its checkpoint) and collect what they return."""
+        results: list[StackResult] = list(self._unreported)
+        self._unreported = []
+        deadline = time.monotonic() + timeout
+        for phase in ("wait", "interrupted"):
+            while self._inflight and time.monotonic() < deadline:
+                wait([op.future for op in self._inflight.values()], timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+                try:
+                    current, _ = self.read_table()
+                    by_name: Mapping[str, Any] | None = {i.get("endpoint_name"): i for i in current if isinstance(i, Mapping)}
+                except StoreError:
+                    by_name = None
+                results += self._harvest(block=False, by_name=by_name)
+            if not self._inflight or phase == "interrupted":
+                break
+            interrupted = self._interrupt_engines()
+            self.progress(f"shutting down: {len(self._inflight)} operation(s) still running after {timeout:.0f}s; "
+                          f"interrupted {interrupted} engine(s)")
+            deadline = time.monotonic() + DRAIN_AFTER_INTERRUPT
+        return results
+
+    def _interrupt_engines(self) -> int:
+        """SIGINT to the Pulumi engines the workers run (their direct children named ``pulumi``)."""
+        count = 0
+        for pid in list(getattr(self._pool, "_processes", None) or {}):
+            try:
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except OSError:
+                continue
+            for child in children:
+                try:
+                    if Path(f"/proc/{child}/comm").read_text().strip() == "pulumi":
+                        os.kill(int(child), signal.SIGINT)
+                        count += 1
+                except (OSError, ValueError):
+                    continue
+        return count
 
     # ---- drift -----------------------------------------------------------------------------------
 
@@ -612,25 +703,30 @@ class Runner:
                 self._drifted.setdefault(region, {})[name] = drift
         return {region: set(names) for region, names in self._drifted.items() if names}
 
-    def _ours(self, region: str, name: str, drift: Any) -> bool:
-        """A deletion seen while our own operation on that endpoint ran (a removal, a replacement)."""
-        quiet = self._quiet.get((region, name))
-        seen = getattr(drift, "seen", None)
-        return bool(quiet and seen is not None and getattr(drift, "reason", "") == "deleted"
-                    and quiet[0] <= seen <= quiet[1] + DRIFT_GRACE)
-
-    def _drift_for(self, settings: StackSettings, plan: Plan, applied: Mapping[str, Any]) -> list[str]:
+    def _drift_for(self, settings: StackSettings, plan: Plan, applied: Mapping[str, Any], now: float) -> list[str]:
+        """The endpoints of this stack to repair now (they go into plan.drift_seen with what was seen)."""
         pending = self._drifted.get(settings.region) or {}
         out = []
         for name, drift in sorted(pending.items()):
             if not settings.owns(name) or name not in applied or name not in plan.desired or name in plan.touched:
                 continue
-            if self._ours(settings.region, name, drift):
+            if ours(drift, applied.get(name)):
+                continue  # an object our own update removed (the endpoint no longer declares it)
+            key = (settings.region, name)
+            repairs = [t for t in self._repairs.get(key, []) if t > now - REPAIR_WINDOW]
+            self._repairs[key] = repairs
+            if len(repairs) >= REPAIR_LIMIT:
+                if len(repairs) == REPAIR_LIMIT:
+                    self.progress(f"{settings.stack}: {name}: {drift.kind} {drift.namespace}/{drift.name} {drift.reason} "
+                                  f"again; repaired {REPAIR_LIMIT} times in {REPAIR_WINDOW:.0f}s, so another writer is "
+                                  "fighting the declaration: not repairing it again until then (the sweep still will)")
+                    repairs.append(now)  # reported once per window
                 continue
+            repairs.append(now)
             out.append(name)
-            self.progress(f"{settings.stack}: {name}: {getattr(drift, 'kind', 'object')} "
-                          f"{getattr(drift, 'namespace', '')}/{getattr(drift, 'name', '')} "
-                          f"{getattr(drift, 'reason', 'changed')}; repairing it")
+            plan.drift_seen[name] = drift
+            self.progress(f"{settings.stack}: {name}: {drift.kind} {drift.namespace}/{drift.name} {drift.reason}; "
+                          "repairing it")
         return out
 
     def _settle_drift(self, settings: StackSettings, plan: Plan) -> None:
@@ -640,22 +736,39 @@ class Runner:
         for name in [n for n in (pending or {}) if settings.owns(n)]:
             del pending[name]
 
-    def _reread(self, items: list[dict[str, Any]], by_name: dict[str, Any],
-                names: set[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """The items with those records read again (consistent gets); a record gone is left out."""
-        fresh = {name: self.store.get(name) for name in sorted(names) if name in by_name}
-        out = []
-        for item in items:
-            name = item.get("endpoint_name") if isinstance(item, Mapping) else None
-            if name in fresh:
-                if fresh[name] is not None:
-                    out.append(fresh[name])
-            else:
-                out.append(item)
-        return out, {i.get("endpoint_name"): i for i in out if isinstance(i, Mapping)}
+    def _reread(self, items: list[dict[str, Any]], names: set[str]) -> tuple[list[dict[str, Any]], Any]:
+        """The items with those records read again (consistent gets; a record gone is left out), and
+        the table generation. The table cache keeps them, so later ticks never see older copies."""
+        known = {i.get("endpoint_name") for i in items if isinstance(i, Mapping)}
+        fresh = {name: self.store.get(name) for name in sorted(names) if name in known}
+        if self._cache is not None and self.opts.table_stream:
+            return self._cache.absorb(fresh), (id(self._cache), self._cache.generation)
+        out = [fresh[i["endpoint_name"]] if i.get("endpoint_name") in fresh else i for i in items]
+        return [i for i in out if i is not None], object()
+
+    def _report_orphans(self) -> None:
+        """Objects our updates wrote that no stack holds: an operation interrupted without checkpoints
+        created them, and their record no longer declares them in this region. Reported (once per
+        set), never deleted: someone decides. Looked at when a region's full reconciles are done."""
+        for region, watch in self.drift.items():
+            stacks = [st for st in self.states.values() if st.settings.region == region]
+            if (not self._orphan_check.get(region) or not watch.ready
+                    or any(op.plan.region == region for op in self._inflight.values())
+                    or not all(st.outputs_loaded for st in stacks)):
+                continue
+            self._orphan_check[region] = False
+            held = {n for st in stacks for n in ((st.outputs or {}).get("endpoints") or {})}
+            orphans: dict[str, list[str]] = {}
+            for (kind, namespace, name), endpoint in sorted(watch.objects().items()):
+                if endpoint not in held:
+                    orphans.setdefault(endpoint, []).append(f"{kind} {namespace}/{name}")
+            for endpoint, objects in orphans.items():
+                self.progress(f"{region}: {', '.join(objects)} of endpoint {endpoint} are in no stack (an interrupted "
+                              "operation created them, and the record no longer declares them here): delete them by "
+                              "hand, or declare the endpoint in this region again and the next full reconcile adopts them")
 
     def watch_drift(self) -> list[str]:
-        """Start a drift watch per region (drift.DriftWatch); returns why a region has none."""
+        """Start a drift watch per region (drift.DriftWatch); returns the regions that have none, and why."""
         from .drift import DriftWatch, watch_api_for
 
         missing = []
@@ -664,18 +777,28 @@ class Runner:
                 continue
             api = watch_api_for(settings)
             if api is None:
-                missing.append(f"{settings.region}: no drift watch outside the cluster for EKS cluster "
-                               f"{settings.cluster_name}; the periodic full reconcile repairs drift there")
+                missing.append(settings.region)
+                self.progress(f"{settings.region}: no drift watch outside the cluster for EKS cluster "
+                              f"{settings.cluster_name}; the sweep repairs drift there")
                 continue
-            watch = DriftWatch(api, settings.allowed_namespaces, on_change=self.wakeup().set)
+            watch = DriftWatch(api, settings.allowed_namespaces, on_change=self._wakeup.set)
             watch.start()
             self.drift[settings.region] = watch
         return missing
 
+    def watch_problems(self) -> dict[str, str]:
+        """Region/stream -> why a drift watch cannot see (empty while every watch works)."""
+        out = {}
+        for region, watch in self.drift.items():
+            for stream, error in watch.errors.items():
+                out[f"{region} {stream}"] = error
+            if not watch.ready:
+                out.setdefault(f"{region}", "initial lists not done yet")
+        return out
+
     def wakeup(self) -> threading.Event:
-        """Set by the drift watches when they record something (the run loop waits on it)."""
-        if not hasattr(self, "_wakeup"):
-            self._wakeup = threading.Event()
+        """Set by the drift watches when they record something and when an operation ends (the run
+        loop waits on it between ticks)."""
         return self._wakeup
 
     @property
@@ -683,9 +806,37 @@ class Runner:
         return bool(self._inflight)
 
     def oldest_operation(self) -> float:
-        """Seconds the longest-running operation has run (0 when none runs)."""
+        """Seconds the longest-running operation has run (0 when none runs); safe from another thread."""
         now = time.monotonic()
-        return max((now - started for *_, started in self._inflight.values()), default=0.0)
+        running = tuple(self._inflight.values())
+        return max((now - op.started for op in running if not op.future.done()), default=0.0)
+
+
+@dataclass
+class Operation:
+    """A Pulumi operation started for a stack (it runs in a worker process)."""
+    future: Future
+    state: StackState
+    plan: Plan
+    validated: Validated
+    started: float
+
+
+def ours(drift: Any, applied: Mapping[str, Any] | None) -> bool:
+    """A deletion of an object the endpoint no longer declares: our own update removed it (the
+    endpoint's canary or HPA went away, its Ingress was withdrawn, a replacement's old object)."""
+    if getattr(drift, "reason", "") != "deleted":
+        return False
+    ref = f"{drift.kind}/{drift.name}"  # the stack's outputs name objects so (one namespace per endpoint)
+    return ref not in ((applied or {}).get("objects") or {}).values()
+
+
+def sweep_batch(plan: Plan, applied: Mapping[str, Any], cursor: str, batch: int) -> list[str]:
+    """The next endpoints of a stack's sweep: every applied endpoint in name order after ``cursor``
+    (then from the start), ``batch`` at a time, without those the plan targets anyway."""
+    names = sorted(n for n in applied if n in plan.desired and n not in plan.targeted)
+    ordered = [n for n in names if n > cursor] + [n for n in names if n <= cursor]
+    return ordered[:batch]
 
 
 def describe(plan: Plan) -> str:
@@ -699,8 +850,10 @@ def describe(plan: Plan) -> str:
     return "targeted up: " + "; ".join(parts)
 
 
-DRIFT_GRACE = 2.0
-"""Seconds after our own operation in which the watch may still deliver that operation's deletions."""
+REPAIR_LIMIT, REPAIR_WINDOW = 5, 600.0
+"""Drift repairs of one endpoint within the window before the watch leaves it to the sweep."""
+DRAIN_AFTER_INTERRUPT = 30.0
+"""Seconds an interrupted engine gets to cancel and write its checkpoint on shutdown."""
 
 
 def with_local_overrides(settings: StackSettings, kubeconfig: str | None, dynamodb: str | None, table: str | None) -> StackSettings:

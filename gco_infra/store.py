@@ -492,6 +492,20 @@ class TableCache:
         assert self._items is not None
         return [self._items[k] for k in sorted(self._items)]
 
+    def absorb(self, fresh: Mapping[str, Mapping[str, Any] | None]) -> list[dict[str, Any]]:
+        """Items the caller read itself with consistent reads (None: the item is gone) replace what the
+        cache holds, and every item is returned. They are at least as new as the cache's copies: the
+        stream's record of those writes, when it comes, makes the cache read them again anyway."""
+        if self._items is None:
+            raise StoreError("the table cache holds nothing to absorb into: read it first")
+        for key, item in fresh.items():
+            if item is None:
+                self._items.pop(key, None)
+            else:
+                self._items[key] = dict(item)
+        self.generation += 1
+        return [self._items[k] for k in sorted(self._items)]
+
     def invalidate(self, why: str = "the previous read failed") -> None:
         """The next read scans the whole table."""
         self._items = None

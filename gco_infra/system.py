@@ -161,10 +161,10 @@ class Workloads:
     """HOME of the runner (the image's user), an emptyDir: PULUMI_HOME is ``<home_dir>/.pulumi``."""
     interval: int = 2
     full_every: int = 21600
+    """The sweep's period, the backstop: drift is repaired by the runner's watch in seconds."""
     parallel: int = 2
     """Runner worker processes (each up to about 400 MiB while it operates a stack): within the
     container's memory limit, whatever the node's CPU count."""
-    """The backstop: drift is repaired by the runner's watch in seconds."""
     health_replicas: int = 2
 
     @property
@@ -217,7 +217,7 @@ def runner_deployment(w: Workloads) -> dict[str, Any]:
                             "HOME": w.home_dir, "PULUMI_HOME": w.pulumi_home,
                             "PULUMI_SKIP_UPDATE_CHECK": "true"}),
         "ports": [{"name": "liveness", "containerPort": LIVENESS_PORT}],
-        # 200 only while ticks keep completing (a full reconcile may take up to --full-every)
+        # 200 only while ticks keep completing and no operation has run for an hour
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "liveness"}, "periodSeconds": 60,
                           "failureThreshold": 3, "timeoutSeconds": 5},
         "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}},

@@ -72,14 +72,15 @@ def node_env(tmp_path_factory):
 
 
 def until(check, what, timeout=30.0, every=0.1):
-    """``check()``'s first truthy value, polled every ``every`` s; fails after ``timeout`` s."""
+    """``check()``'s first truthy value, polled every ``every`` s; fails after ``timeout`` s (``what``
+    may be a function: the message is built when it fails)."""
     deadline = time.monotonic() + timeout
     while True:
         got = check()
         if got:
             return got
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what() if callable(what) else what}")
         time.sleep(every)
 
 

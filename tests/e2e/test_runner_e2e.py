@@ -189,3 +189,33 @@ def test_runner_killed_during_up_recovers_and_converges(env, runner, kube1):
     assert not _lock_files(env, "local")
     assert all(kube1.deployment(f"crash-{i}") is not None for i in range(40))
     runner.states["local"].outputs_loaded = False
+
+
+def test_sigterm_waits_for_the_running_operation_and_writes_its_statuses(env, runner, kube1):
+    """`gco-infra run` as the runner pod runs it (workers, ticks beside operations, the drift watch)
+    stopped by SIGTERM in the middle of an operation: the operation ends, its statuses are written,
+    the lock is released and the process exits 0."""
+    for i in range(60):
+        put(env, f"term-{i}", env={"ROUND": "1"})
+    proc = _cli(env, "run", "--stack", "local", "--interval", "1")
+    try:
+        deadline = time.monotonic() + 120
+        locked = []
+        while not locked and time.monotonic() < deadline and proc.poll() is None:
+            locked = _lock_files(env, "local")
+            time.sleep(0.05)
+        assert locked, f"no operation started (exit code {proc.poll()})"
+        time.sleep(0.5)  # inside the update
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:]
+    assert "shutting down: waiting for the running operations" in out, out[-3000:]
+    assert not _lock_files(env, "local")
+    store = env.store()
+    states = {store.get(f"term-{i}").get("region_status", {}).get("local-1", {}).get("state") for i in range(60)}
+    assert states == {"creating"}, states
+    assert all(kube1.deployment(f"term-{i}") is not None for i in range(60))
+    runner.states["local"].outputs_loaded = False

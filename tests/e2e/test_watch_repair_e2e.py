@@ -95,7 +95,8 @@ def test_drift_is_repaired_for_that_endpoint_only_and_our_own_updates_are_not_dr
     before = versions(kube, names)
     old_uid = kube.service("w-2", NAMESPACE).metadata.uid
     client.CoreV1Api(env.kube("local-1")).delete_namespaced_service("w-2", NAMESPACE)
-    repaired = until(lambda: [r for r in settle(runner) if r.action == "targeted"], "the repair of w-2's Service")
+    repaired = until(lambda: [r for r in settle(runner) if r.action == "targeted"],
+                     lambda: f"the repair of w-2's Service (runner said: {messages[-5:]})")
     assert [r.stack for r in repaired] == [f"watched.shard-{shard_of('w-2', SHARDS)}"]
     assert runner.operations == ops + 1
     service = kube.service("w-2", NAMESPACE)
@@ -172,3 +173,31 @@ def settle_once(runner):
     bad = [r.summary() + f" {r.endpoint_errors}" for r in got if r.action in ("failed", "refused", "skipped")]
     assert not bad, bad
     return got
+
+
+def test_objects_no_stack_holds_are_reported_after_a_full_reconcile(env, watched):
+    """What an operation killed without checkpoints leaves when its record is deleted before the next
+    runner starts: objects written by the provider that no stack holds. Reported, never deleted."""
+    runner, store, messages = watched
+    settle(runner)
+    apps = client.AppsV1Api(env.kube("local-1"))
+    body = {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "w-orphan", "namespace": NAMESPACE,
+                         "labels": {"app": "w-orphan", "project": "gco", "gco.io/type": "inference"}},
+            "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "w-orphan"}},
+                     "template": {"metadata": {"labels": {"app": "w-orphan"}},
+                                  "spec": {"containers": [{"name": "inference", "image": "example.com/org/server:1"}]}}}}
+    apps.patch_namespaced_deployment("w-orphan", NAMESPACE, body, field_manager="pulumi-kubernetes-0f1e2d3c",
+                                     force=True, _content_type="application/apply-patch+yaml")
+    try:
+        watch = runner.drift["local-1"]
+        until(lambda: ("Deployment", NAMESPACE, "w-orphan") in watch.objects(), "the watch to see the object")
+        before = len(messages)
+        runner.tick(force_full=True)
+        settle(runner)
+        reports = [m for m in messages[before:] if "of endpoint w-orphan are in no stack" in m]
+        assert len(reports) == 1 and f"Deployment {NAMESPACE}/w-orphan" in reports[0], messages[before:]
+        assert client.AppsV1Api(env.kube("local-1")).read_namespaced_deployment("w-orphan", NAMESPACE)  # left alone
+        assert not [m for m in messages[before:] if "are in no stack" in m and "w-orphan" not in m]
+    finally:
+        apps.delete_namespaced_deployment("w-orphan", NAMESPACE)

@@ -12,7 +12,7 @@ from gco_infra.drift import Drift
 from gco_infra.endpoint import validate_all
 from gco_infra.plan import Plan, RunnerOptions, plan_stack, targets_for
 from gco_infra.program import StackSettings
-from gco_infra.runner import DRIFT_GRACE, Runner
+from gco_infra.runner import REPAIR_LIMIT, Operation, Runner, ours, sweep_batch
 
 REGION = "us-east-1"
 S = StackSettings(stack="us-east-1", region=REGION)
@@ -27,7 +27,8 @@ def outputs_for(items):
     eps = {}
     for ep in validate_all(items).endpoints.values():
         objs, fp = m.declaration(ep, REGION, S.cluster)
-        eps[ep.name] = {"fingerprint": fp, "objects": {r: f'{o["kind"]}/{o["metadata"]["name"]}' for r, o in objs.items()}}
+        eps[ep.name] = {"fingerprint": fp, "objects": {  # as the stack's outputs name them
+            r: f'{o["kind"]}/{o["metadata"]["name"]}' for r, o in objs.items()}}
     return {"endpoints": eps, "declarationVersion": m.DECLARATION_VERSION}
 
 
@@ -55,28 +56,46 @@ def test_drift_of_a_changed_endpoint_is_not_listed_twice():
     assert plan.targeted == ["a", "b"]
 
 
-def test_a_deletion_during_our_own_operation_is_ours_and_later_ones_are_drift():
-    r = runner()
-    r._quiet[(REGION, "a")] = (100.0, 110.0)
-    deleted = lambda t: Drift("Service", "ns", "a", "deleted", t)  # noqa: E731
-    assert r._ours(REGION, "a", deleted(105.0))
-    assert r._ours(REGION, "a", deleted(110.0 + DRIFT_GRACE))  # delivered late by the watch
-    assert not r._ours(REGION, "a", deleted(110.0 + DRIFT_GRACE + 0.1))
-    assert not r._ours(REGION, "a", deleted(99.0))
-    assert not r._ours(REGION, "a", Drift("Deployment", "ns", "a", "changed by kubectl-edit", 105.0))  # by its author
-    assert not r._ours(REGION, "b", deleted(105.0))
+def test_a_deletion_is_ours_only_when_the_endpoint_no_longer_declares_that_object():
+    applied = outputs_for([item("a")])["endpoints"]["a"]
+    service = next(ref for ref in applied["objects"].values() if ref.startswith("Service/"))
+    kind, name = service.split("/")
+    assert not ours(Drift(kind, "gco-inference", name, "deleted", 1.0), applied)  # still declared: someone deleted it
+    assert ours(Drift("Ingress", "gco-inference", "gone-canary", "deleted", 1.0), applied)  # no longer declared
+    assert not ours(Drift(kind, "gco-inference", name, "changed by kubectl-edit", 1.0), applied)  # has an author
+
+
+def test_an_endpoint_another_writer_keeps_changing_is_left_to_the_sweep():
+    messages = []
+    r = Runner([S], NoStore(), {}, RunnerOptions(), progress=messages.append)
+    items = [item("a")]
+    v, out = validate_all(items), outputs_for(items)
+    kind, name = next(ref for ref in out["endpoints"]["a"]["objects"].values() if ref.startswith("Deployment/")).split("/")
+    ns = "gco-inference"
+    repaired = []
+    for t in range(REPAIR_LIMIT + 3):
+        r._drifted[REGION] = {"a": Drift(kind, ns, name, "changed by old-controller", float(t))}
+        plan = plan_stack(S, v, out, full_due=False, opts=r.opts)
+        repaired.append(bool(r._drift_for(S, plan, out["endpoints"], now=1000.0 + t)))
+        r._settle_drift(S, plan)
+    assert repaired == [True] * REPAIR_LIMIT + [False] * 3
+    assert sum("fighting the declaration" in m for m in messages) == 1
+    plan = plan_stack(S, v, out, full_due=False, opts=r.opts)
+    r._drifted[REGION] = {"a": Drift(kind, ns, name, "changed by old-controller", 0.0)}
+    assert r._drift_for(S, plan, out["endpoints"], now=1000.0 + 700) == ["a"]  # a new window
 
 
 def test_drift_is_planned_only_in_the_shard_that_holds_the_endpoint():
     r = runner(shards=4)
     items = [item(f"e{i}") for i in range(12)]
     v = validate_all(items)
-    r._drifted[REGION] = {f"e{i}": Drift("Service", "ns", f"e{i}", "deleted", time.monotonic()) for i in range(12)}
+    r._drifted[REGION] = {f"e{i}": Drift("Deployment", "gco-inference", f"e{i}", "changed by kubectl-edit",
+                                         time.monotonic()) for i in range(12)}
     seen = []
     for state in r.states.values():
         mine = [i for i in items if state.settings.owns(i["endpoint_name"])]
         plan = plan_stack(state.settings, v, outputs_for(mine), full_due=False, opts=r.opts)
-        got = r._drift_for(state.settings, plan, outputs_for(mine)["endpoints"])
+        got = r._drift_for(state.settings, plan, outputs_for(mine)["endpoints"], now=1.0)
         assert all(state.settings.owns(n) for n in got)
         seen += got
     assert sorted(seen) == sorted(f"e{i}" for i in range(12))
@@ -88,27 +107,34 @@ def test_drift_of_an_endpoint_no_longer_declared_needs_no_repair():
     v = validate_all(items)
     r._drifted[REGION] = {"gone": Drift("Service", "ns", "gone", "deleted", time.monotonic())}
     plan = plan_stack(S, v, outputs_for(items), full_due=False, opts=r.opts)
-    assert r._drift_for(S, plan, outputs_for(items)["endpoints"]) == []
+    assert r._drift_for(S, plan, outputs_for(items)["endpoints"], now=1.0) == []
     r._settle_drift(S, plan)
     assert r._drifted[REGION] == {}
 
 
 def test_the_sweep_goes_through_every_endpoint_in_batches_and_skips_targeted_ones():
-    r = runner(full_every=100.0, sweep_batch=3)
     items = [item(f"e{i}") for i in range(7)]
-    v = validate_all(items)
-    state = r.states[S.stack]
-    seen, now = [], 1000.0
+    v, out = validate_all(items), outputs_for(items)
+    plan = plan_stack(S, v, out, full_due=False, opts=RunnerOptions())
+    seen, cursor = [], ""
     for _ in range(3):
-        plan = plan_stack(S, v, outputs_for(items), full_due=False, opts=r.opts)
-        plan.drifted = ["e0"] if not seen else []
-        swept = r._sweep(state, plan, outputs_for(items)["endpoints"], now)
-        assert len(swept) <= 3 and "e0" not in (swept if not seen else [])
-        assert state.next_sweep == now + 100.0 * 3 / 7
-        seen += swept
-        now = state.next_sweep
-    assert set(seen) >= {f"e{i}" for i in range(1, 7)}  # every endpoint within full_every
-    assert seen[:3] == ["e1", "e2", "e3"] and seen[3:6] == ["e4", "e5", "e6"]
+        batch = sweep_batch(plan, out["endpoints"], cursor, 3)
+        seen.append(batch)
+        cursor = batch[-1]
+    assert seen == [["e0", "e1", "e2"], ["e3", "e4", "e5"], ["e6", "e0", "e1"]]
+    plan.drifted = ["e4"]
+    assert sweep_batch(plan, out["endpoints"], "e2", 3) == ["e3", "e5", "e6"]
+
+
+def test_the_sweep_period_refreshes_every_endpoint_once_per_full_every():
+    r = runner(full_every=700.0, sweep_batch=25)
+    state = r.states[S.stack]
+    state.outputs = outputs_for([item(f"e{i}") for i in range(100)])
+    assert r._sweep_period(state) == 700.0 * 25 / 100
+    r.full_every_for[REGION] = 100.0  # a region without a watch
+    assert r._sweep_period(state) == 25.0
+    state.outputs = outputs_for([item("e0")])
+    assert r._sweep_period(state) == 100.0
 
 
 def test_describe_names_changes_drift_and_the_sweep():
@@ -124,3 +150,31 @@ def test_without_checkpoints_the_engine_skips_them_and_with_them_it_does_not():
     assert runner().env["PULUMI_SKIP_CHECKPOINTS"] == "true"
     with_them = Runner([S], NoStore(), {"PULUMI_SKIP_CHECKPOINTS": "true"}, RunnerOptions(checkpoints=True))
     assert "PULUMI_SKIP_CHECKPOINTS" not in with_them.env
+
+
+def test_a_full_reconcile_never_takes_the_last_free_worker():
+    r = runner(overlap=True, parallel=3)
+    full = Plan(stack="x", region=REGION, desired={}, full=True)
+    change = Plan(stack="y", region=REGION, desired={}, changed=["a"])
+    assert r._may_start(full) and r._may_start(change)
+    r._inflight["x"] = Operation(Future(), None, full, None, 0.0)
+    assert r._may_start(full)  # two free workers: one may go to a full reconcile
+    r._inflight["y"] = Operation(Future(), None, full, None, 0.0)
+    assert not r._may_start(full) and r._may_start(change)  # the last free worker is for changes
+    r._inflight["z"] = Operation(Future(), None, change, None, 0.0)
+    assert not r._may_start(change)  # every worker busy: planned again by a later tick
+    assert runner(overlap=True, parallel=1)._may_start(full)  # one worker: it must do everything
+    assert runner(overlap=False, parallel=2)._may_start(full)  # ticks that wait start everything
+
+
+def test_recent_removals_count_against_the_bound_across_ticks():
+    from gco_infra.plan import removal_refusal
+
+    opts = RunnerOptions(max_delete_fraction=0.1, max_delete_min=2, deletion_window=600.0)
+    assert removal_refusal("s", 5, 100, opts) is None
+    assert removal_refusal("s", 5, 95, opts, recent=5) is None  # 10 of the 100 there were
+    refused = removal_refusal("s", 5, 90, opts, recent=10)
+    assert refused and "10 already removed in the last 600s" in refused
+    r = runner(deletion_window=600.0)
+    r._removals = [(0.0, "s.shard-0", "s", 4), (500.0, "s.shard-1", "s", 3), (900.0, "s", "s", 1)]
+    assert r._recent_removals(now=1000.0) == {"s.shard-1": 3, "s": 4}
