@@ -142,9 +142,9 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--every", type=float, default=2.0, help="seconds between record changes")
     ap.add_argument("--drift-every", type=float, default=30.0, help="seconds between hand deletions of a Service")
-    ap.add_argument("--full-every", type=float, default=300.0,
-                    help="the runner's --full-every during the churn window (every shard's periodic full "
-                         "reconcile falls inside it)")
+    ap.add_argument("--full-every", type=float, default=1800.0,
+                    help="the runner's --full-every during the churn window: sweeps of every shard fall "
+                         "inside it (the default, 21600, would put none there)")
     ap.add_argument("--idle", type=float, default=120.0, help="seconds of the idle loop measured for CPU per hour")
     ap.add_argument("--parallel", type=int, default=max(2, os.cpu_count() or 1))
     ap.add_argument("--out", default=str(Path(__file__).with_name("CHURN.md")))
@@ -164,7 +164,8 @@ def main() -> None:
             s = settings_from_stack_file("local")
             s = replace(with_local_overrides(s, str(env.kubeconfig("local-1")), env.dynamodb_endpoint, env.table),
                         shards=shards)
-            opts = RunnerOptions(overlap=True, parallel=args.parallel, full_every=args.full_every)
+            # The first convergence at the defaults; the churn window's --full-every is set after it.
+            opts = RunnerOptions(overlap=True, parallel=args.parallel, full_every=DEFAULT_FULL_EVERY)
             log = open(args.log, "w") if args.log else None  # noqa: SIM115 - closed with the process
             runner = Runner([s], store, env.pulumi_env(), opts, progress=lambda m: log and print(
                 f"{time.strftime('%H:%M:%S')} {m}", file=log, flush=True))
@@ -178,8 +179,9 @@ def main() -> None:
             live.thread.start()
             services.thread.start()
             time.sleep(2)
-            for st in runner.states.values():  # spread the periodic full reconciles over the window
-                st.last_full = time.monotonic() - args.full_every * rng.random()
+            runner.opts = replace(runner.opts, full_every=args.full_every)
+            for st in runner.states.values():  # the sweeps start spread over the window
+                st.next_sweep = time.monotonic() + runner._sweep_period(st) * rng.random()
 
             stop, ticks, errors = threading.Event(), [], []
             ops0, calls0, reqs0, lists0 = runner.operations, store.calls, apiserver_requests(api), watch_obj.lists
@@ -240,39 +242,45 @@ def main() -> None:
                 f"{percentile(latencies, 95):.2f}s p99 {percentile(latencies, 99):.2f}s max {max(latencies):.2f}s; "
                 f"{missing} never live, {superseded} superseded; drift repairs {[round(r, 1) for r in repairs]}")
 
-            # Idle at the default settings (no sweep falls in the window), then the machine without the
-            # runner's loop (the cluster and moto alone): the difference is what the runner costs.
-            runner.opts = replace(runner.opts, full_every=DEFAULT_FULL_EVERY)
-            for st in runner.states.values():
-                st.next_sweep = time.monotonic() + 10**6
-            while runner.busy:
-                time.sleep(0.5)
-            time.sleep(10)
-            ops_i, calls_i, reqs_i = runner.operations, store.calls, sum(apiserver_requests(api).values())
-            with CpuSampler() as idle_cpu:
-                time.sleep(args.idle)
-            idle_ops, idle_calls = runner.operations - ops_i, store.calls - calls_i
-            idle_reqs = sum(apiserver_requests(api).values()) - reqs_i - 1
             stop.set()
             loop.join(timeout=600)
-            settle(runner)
-            reqs_b = sum(apiserver_requests(api).values())
-            with CpuSampler() as base_cpu:
-                time.sleep(args.idle)
-            base_reqs = sum(apiserver_requests(api).values()) - reqs_b - 1
-            # The backstop: one sweep (sweep_batch endpoints refreshed in a targeted update) of one stack.
-            sweeping = next(iter(runner.states.values()))
-            sweeping.next_sweep = 0.0
-            with CpuSampler() as sweep_cpu:
-                t0 = time.monotonic()
+            if args.idle > 0:
+                stop.clear()
+                loop = threading.Thread(target=run_loop, args=(runner, stop, ticks, errors), daemon=True)
+                loop.start()
+                # Idle at the default settings (no sweep falls in the window), then the machine without the
+                # runner's loop (the cluster and moto alone): the difference is what the runner costs.
+                runner.opts = replace(runner.opts, full_every=DEFAULT_FULL_EVERY)
+                for st in runner.states.values():
+                    st.next_sweep = time.monotonic() + 10**6
+                while runner.busy:
+                    time.sleep(0.5)
+                time.sleep(10)
+                ops_i, calls_i, reqs_i = runner.operations, store.calls, sum(apiserver_requests(api).values())
+                with CpuSampler() as idle_cpu:
+                    time.sleep(args.idle)
+                idle_ops, idle_calls = runner.operations - ops_i, store.calls - calls_i
+                idle_reqs = sum(apiserver_requests(api).values()) - reqs_i - 1
+                stop.set()
+                loop.join(timeout=600)
                 settle(runner)
-                sweep_seconds = time.monotonic() - t0
-            # A full reconcile of every shard (a runner's first tick, after a failure, --full).
-            with CpuSampler() as full_cpu:
-                t0 = time.monotonic()
-                runner.tick(force_full=True)
-                settle(runner)
-                full_seconds = time.monotonic() - t0
+                reqs_b = sum(apiserver_requests(api).values())
+                with CpuSampler() as base_cpu:
+                    time.sleep(args.idle)
+                base_reqs = sum(apiserver_requests(api).values()) - reqs_b - 1
+                # The backstop: one sweep (sweep_batch endpoints refreshed in a targeted update) of one stack.
+                sweeping = next(iter(runner.states.values()))
+                sweeping.next_sweep = 0.0
+                with CpuSampler() as sweep_cpu:
+                    t0 = time.monotonic()
+                    settle(runner)
+                    sweep_seconds = time.monotonic() - t0
+                # A full reconcile of every shard (a runner's first tick, after a failure, --full).
+                with CpuSampler() as full_cpu:
+                    t0 = time.monotonic()
+                    runner.tick(force_full=True)
+                    settle(runner)
+                    full_seconds = time.monotonic() - t0
             live.stop.set()
             services.stop.set()
             runner.close()
@@ -281,9 +289,6 @@ def main() -> None:
 
     hour = 3600.0
     batch = RunnerOptions().sweep_batch
-    sweeps_per_hour = args.n / batch * hour / DEFAULT_FULL_EVERY
-    idle_share = max(0.0, idle_cpu.total - base_cpu.total) * hour / args.idle
-    per_hour = idle_share + sweep_cpu.total * sweeps_per_hour
     churn_hours = window / hour
     lines = [
         f"# Churn benchmark ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores)",
@@ -306,25 +311,31 @@ def main() -> None:
         f"({churn_cpu.total / churn_hours:.0f} CPU-s per hour at this rate of change), by part: "
         + ", ".join(f"{k} {v:.0f}" for k, v in churn_cpu.seconds.items()) + ".",
         "",
-        "## CPU per hour at the default settings (nothing changing)",
-        "",
-        f"The runner's loop for {args.idle:g} s with nothing to do, against the same machine without it (the local "
-        "cluster and moto idle on their own); the backstop's sweeps at the default --full-every "
-        f"({DEFAULT_FULL_EVERY:g} s: every endpoint refreshed once, {batch} per targeted update).",
-        "",
-        "| N | machine with the loop | without it | the loop's share | one sweep | sweeps per hour | runner CPU-s per hour | full reconcile of every shard |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| {args.n} | {idle_cpu.total * hour / args.idle:.0f} CPU-s/h ({idle_ops} operations, "
-        f"{idle_calls * hour / args.idle:.0f} DynamoDB and {idle_reqs * hour / args.idle:.0f} Kubernetes requests per hour) "
-        f"| {base_cpu.total * hour / args.idle:.0f} CPU-s/h ({base_reqs * hour / args.idle:.0f} Kubernetes requests per hour) "
-        f"| {idle_share:.0f} CPU-s/h | {sweep_seconds:.1f} s, {sweep_cpu.total:.1f} CPU-s | {sweeps_per_hour:.1f} "
-        f"| **{per_hour:.0f}** | {full_seconds:.0f} s, {full_cpu.total:.0f} CPU-s |",
-        "",
-        "Loop by part: " + ", ".join(f"{k} {v * hour / args.idle:.0f}" for k, v in idle_cpu.seconds.items())
-        + "; without it: " + ", ".join(f"{k} {v * hour / args.idle:.0f}" for k, v in base_cpu.seconds.items())
-        + " (CPU-s per hour). Full reconcile by part: "
-        + ", ".join(f"{k} {v:.0f}" for k, v in full_cpu.seconds.items()) + " (CPU-s).",
     ]
+    if args.idle > 0:
+        sweeps_per_hour = args.n / batch * hour / DEFAULT_FULL_EVERY
+        idle_share = max(0.0, idle_cpu.total - base_cpu.total) * hour / args.idle
+        per_hour = idle_share + sweep_cpu.total * sweeps_per_hour
+        lines += [
+            "## CPU per hour at the default settings (nothing changing)",
+            "",
+            f"The runner's loop for {args.idle:g} s with nothing to do, against the same machine without it (the local "
+            "cluster and moto idle on their own); the backstop's sweeps at the default --full-every "
+            f"({DEFAULT_FULL_EVERY:g} s: every endpoint refreshed once, {batch} per targeted update).",
+            "",
+            "| N | machine with the loop | without it | the loop's share | one sweep | sweeps per hour | runner CPU-s per hour | full reconcile of every shard |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| {args.n} | {idle_cpu.total * hour / args.idle:.0f} CPU-s/h ({idle_ops} operations, "
+            f"{idle_calls * hour / args.idle:.0f} DynamoDB and {idle_reqs * hour / args.idle:.0f} Kubernetes requests per hour) "
+            f"| {base_cpu.total * hour / args.idle:.0f} CPU-s/h ({base_reqs * hour / args.idle:.0f} Kubernetes requests per hour) "
+            f"| {idle_share:.0f} CPU-s/h | {sweep_seconds:.1f} s, {sweep_cpu.total:.1f} CPU-s | {sweeps_per_hour:.1f} "
+            f"| **{per_hour:.0f}** | {full_seconds:.0f} s, {full_cpu.total:.0f} CPU-s |",
+            "",
+            "Loop by part: " + ", ".join(f"{k} {v * hour / args.idle:.0f}" for k, v in idle_cpu.seconds.items())
+            + "; without it: " + ", ".join(f"{k} {v * hour / args.idle:.0f}" for k, v in base_cpu.seconds.items())
+            + " (CPU-s per hour). Full reconcile by part: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in full_cpu.seconds.items()) + " (CPU-s).",
+        ]
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)
     print(text)

@@ -266,6 +266,8 @@ class Runner:
         self._inflight: dict[str, Operation] = {}
         """Operations running in the workers, by stack (with opts.overlap, across ticks)."""
         self._unreported: list[StackResult] = []
+        self._waiting: dict[str, float] = {}
+        """Stack -> since when it has had an operation to run that has not started (oldest first)."""
         """Results not yet returned by a tick (kept when a tick raises)."""
         self._wakeup = threading.Event()
         self.drift: dict[str, Any] = {}
@@ -488,7 +490,7 @@ class Runner:
                 applied = (state.outputs or {}).get("endpoints") or {}
                 if state.settings.region in drifted:
                     plan.drifted = self._drift_for(state.settings, plan, applied, now)
-                if now >= state.next_sweep:
+                if now >= state.next_sweep and not plan.targeted:  # alone: a sweep never slows a change
                     plan.swept = sweep_batch(plan, applied, state.sweep_cursor, self.opts.sweep_batch)
             planned.append((state, plan, validated))
         in_flight = [(op.state.settings, replace(op.plan, refused=None)) for op in self._inflight.values()]
@@ -503,6 +505,7 @@ class Runner:
                 results.append(res)
                 continue
             if not plan.needs_operation:
+                self._waiting.pop(plan.stack, None)
                 self._settle_drift(state.settings, plan)
                 if plan.swept == [] and now >= state.next_sweep:
                     state.next_sweep = now + self._sweep_period(state)  # nothing applied here to sweep
@@ -511,11 +514,14 @@ class Runner:
                 results.append(res)
                 continue
             work.append((state, plan, validated))
-        # Changes and repairs first; full reconciles after them, and never on the last free worker.
-        work.sort(key=lambda w: w[1].full)
+            self._waiting.setdefault(plan.stack, now)
+        # Changes and repairs first, the stack that has waited longest first; full reconciles and
+        # sweeps after them, and never on the last free worker.
+        work.sort(key=lambda w: (background(w[1]), self._waiting[w[1].stack]))
         for state, plan, validated in work:
             if not self._may_start(plan):
                 continue  # planned again by a later tick, from what the table says then
+            self._waiting.pop(plan.stack, None)
             self._settle_drift(state.settings, plan)
             if plan.swept:
                 state.sweep_cursor = plan.swept[-1]
@@ -532,13 +538,13 @@ class Runner:
 
     def _may_start(self, plan: Plan) -> bool:
         """Whether a worker is free for this operation now (always, when ticks wait for operations).
-        A full reconcile never takes the last free worker: it stays for changes and repairs."""
+        A full reconcile or a sweep never takes the last free worker: it stays for changes and repairs."""
         if not self.opts.overlap:
             return True
         running = len(self._inflight)
         if running >= max(1, self.opts.parallel):
             return False
-        return not (plan.full and self.opts.parallel >= 2 and running >= self.opts.parallel - 1)
+        return not (background(plan) and self.opts.parallel >= 2 and running >= self.opts.parallel - 1)
 
     def _declared(self, state: StackState, items: list[dict[str, Any]], generation: Any) -> tuple[Validated, dict[str, str]]:
         namespaces = state.settings.allowed_namespaces
@@ -829,6 +835,11 @@ def ours(drift: Any, applied: Mapping[str, Any] | None) -> bool:
         return False
     ref = f"{drift.kind}/{drift.name}"  # the stack's outputs name objects so (one namespace per endpoint)
     return ref not in ((applied or {}).get("objects") or {}).values()
+
+
+def background(plan: Plan) -> bool:
+    """A full reconcile, or a sweep alone: work that waits for changes and repairs."""
+    return plan.full or not (plan.touched or plan.drifted)
 
 
 def sweep_batch(plan: Plan, applied: Mapping[str, Any], cursor: str, batch: int) -> list[str]:

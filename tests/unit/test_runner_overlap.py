@@ -161,6 +161,7 @@ def test_a_full_reconcile_never_takes_the_last_free_worker():
     assert r._may_start(full)  # two free workers: one may go to a full reconcile
     r._inflight["y"] = Operation(Future(), None, full, None, 0.0)
     assert not r._may_start(full) and r._may_start(change)  # the last free worker is for changes
+    assert not r._may_start(Plan(stack="w", region=REGION, desired={}, swept=["b"]))  # a sweep alone waits too
     r._inflight["z"] = Operation(Future(), None, change, None, 0.0)
     assert not r._may_start(change)  # every worker busy: planned again by a later tick
     assert runner(overlap=True, parallel=1)._may_start(full)  # one worker: it must do everything
