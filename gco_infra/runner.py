@@ -517,9 +517,9 @@ class Runner:
             self._waiting.setdefault(plan.stack, now)
         # Changes and repairs first, the stack that has waited longest first; full reconciles and
         # sweeps after them, and never on the last free worker.
-        work.sort(key=lambda w: (background(w[1]), self._waiting[w[1].stack]))
+        work.sort(key=lambda w: (self._deferred(w[1], now), self._waiting[w[1].stack]))
         for state, plan, validated in work:
-            if not self._may_start(plan):
+            if not self._may_start(plan, deferred=self._deferred(plan, now)):
                 continue  # planned again by a later tick, from what the table says then
             self._waiting.pop(plan.stack, None)
             self._settle_drift(state.settings, plan)
@@ -536,15 +536,22 @@ class Runner:
         out, self._unreported = self._unreported, []
         return out
 
-    def _may_start(self, plan: Plan) -> bool:
+    def _deferred(self, plan: Plan, now: float) -> bool:
+        """Background work (a full reconcile, a sweep alone) that has not yet waited BACKGROUND_WAIT:
+        it goes after changes and repairs; past that it queues with them, so endless churn cannot
+        starve the backstop."""
+        return background(plan) and now - self._waiting.get(plan.stack, now) < BACKGROUND_WAIT
+
+    def _may_start(self, plan: Plan, deferred: bool | None = None) -> bool:
         """Whether a worker is free for this operation now (always, when ticks wait for operations).
-        A full reconcile or a sweep never takes the last free worker: it stays for changes and repairs."""
+        Deferred background work never takes the last free worker: it stays for changes and repairs."""
         if not self.opts.overlap:
             return True
         running = len(self._inflight)
         if running >= max(1, self.opts.parallel):
             return False
-        return not (background(plan) and self.opts.parallel >= 2 and running >= self.opts.parallel - 1)
+        deferred = background(plan) if deferred is None else deferred
+        return not (deferred and self.opts.parallel >= 2 and running >= self.opts.parallel - 1)
 
     def _declared(self, state: StackState, items: list[dict[str, Any]], generation: Any) -> tuple[Validated, dict[str, str]]:
         namespaces = state.settings.allowed_namespaces
@@ -861,6 +868,8 @@ def describe(plan: Plan) -> str:
     return "targeted up: " + "; ".join(parts)
 
 
+BACKGROUND_WAIT = 300.0
+"""Seconds a full reconcile or a sweep waits behind changes before it queues with them."""
 REPAIR_LIMIT, REPAIR_WINDOW = 5, 600.0
 """Drift repairs of one endpoint within the window before the watch leaves it to the sweep."""
 DRAIN_AFTER_INTERRUPT = 30.0

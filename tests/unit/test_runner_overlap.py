@@ -179,3 +179,18 @@ def test_recent_removals_count_against_the_bound_across_ticks():
     r = runner(deletion_window=600.0)
     r._removals = [(0.0, "s.shard-0", "s", 4), (500.0, "s.shard-1", "s", 3), (900.0, "s", "s", 1)]
     assert r._recent_removals(now=1000.0) == {"s.shard-1": 3, "s": 4}
+
+
+def test_background_work_waits_behind_changes_only_for_a_while():
+    from gco_infra.runner import BACKGROUND_WAIT
+
+    r = runner(overlap=True, parallel=2)
+    sweep = Plan(stack="w", region=REGION, desired={}, swept=["b"])
+    change = Plan(stack="y", region=REGION, desired={}, changed=["a"])
+    r._inflight["y"] = Operation(Future(), None, change, None, 0.0)
+    r._waiting["w"] = 100.0
+    assert r._deferred(sweep, now=100.0 + BACKGROUND_WAIT - 1)
+    assert not r._may_start(sweep, deferred=r._deferred(sweep, now=100.0 + BACKGROUND_WAIT - 1))
+    assert not r._deferred(sweep, now=100.0 + BACKGROUND_WAIT)  # waited long enough: queues with changes
+    assert r._may_start(sweep, deferred=r._deferred(sweep, now=100.0 + BACKGROUND_WAIT))
+    assert not r._deferred(change, now=0.0)
