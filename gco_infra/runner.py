@@ -275,6 +275,8 @@ class Runner:
         self._drifted: dict[str, dict[str, Any]] = {}
         """Region -> endpoint -> Drift, taken from the watches and not yet repaired."""
         self._repairs: dict[tuple[str, str], list[float]] = {}
+        self._fighting: set[tuple[str, str]] = set()
+        """Endpoints the watch has stopped repairing (REPAIR_LIMIT reached), reported once."""
         """(region, endpoint) -> when drift repairs of it were started (REPAIR_LIMIT per REPAIR_WINDOW)."""
         self._removals: list[tuple[float, str, str, int]] = []
         """(when, stack, region stack, endpoints) removed by this runner, for opts.deletion_window."""
@@ -523,6 +525,8 @@ class Runner:
                 continue  # planned again by a later tick, from what the table says then
             self._waiting.pop(plan.stack, None)
             self._settle_drift(state.settings, plan)
+            for name in plan.drifted:  # counted when the repair starts, not each time it is planned
+                self._repairs.setdefault((plan.region, name), []).append(now)
             if plan.swept:
                 state.sweep_cursor = plan.swept[-1]
                 state.next_sweep = now + self._sweep_period(state)
@@ -729,13 +733,13 @@ class Runner:
             repairs = [t for t in self._repairs.get(key, []) if t > now - REPAIR_WINDOW]
             self._repairs[key] = repairs
             if len(repairs) >= REPAIR_LIMIT:
-                if len(repairs) == REPAIR_LIMIT:
+                if key not in self._fighting:
+                    self._fighting.add(key)
                     self.progress(f"{settings.stack}: {name}: {drift.kind} {drift.namespace}/{drift.name} {drift.reason} "
                                   f"again; repaired {REPAIR_LIMIT} times in {REPAIR_WINDOW:.0f}s, so another writer is "
                                   "fighting the declaration: not repairing it again until then (the sweep still will)")
-                    repairs.append(now)  # reported once per window
                 continue
-            repairs.append(now)
+            self._fighting.discard(key)
             out.append(name)
             plan.drift_seen[name] = drift
             self.progress(f"{settings.stack}: {name}: {drift.kind} {drift.namespace}/{drift.name} {drift.reason}; "

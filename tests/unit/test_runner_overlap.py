@@ -72,11 +72,17 @@ def test_an_endpoint_another_writer_keeps_changing_is_left_to_the_sweep():
     v, out = validate_all(items), outputs_for(items)
     kind, name = next(ref for ref in out["endpoints"]["a"]["objects"].values() if ref.startswith("Deployment/")).split("/")
     ns = "gco-inference"
+    for t in range(REPAIR_LIMIT + 3):  # planned while every worker is busy: not a repair yet
+        r._drifted[REGION] = {"a": Drift(kind, ns, name, "changed by old-controller", float(t))}
+        plan = plan_stack(S, v, out, full_due=False, opts=r.opts)
+        assert r._drift_for(S, plan, out["endpoints"], now=1000.0 + t) == ["a"]
     repaired = []
     for t in range(REPAIR_LIMIT + 3):
         r._drifted[REGION] = {"a": Drift(kind, ns, name, "changed by old-controller", float(t))}
         plan = plan_stack(S, v, out, full_due=False, opts=r.opts)
         repaired.append(bool(r._drift_for(S, plan, out["endpoints"], now=1000.0 + t)))
+        if repaired[-1]:  # started: what tick() records when the repair's operation starts
+            r._repairs.setdefault((REGION, "a"), []).append(1000.0 + t)
         r._settle_drift(S, plan)
     assert repaired == [True] * REPAIR_LIMIT + [False] * 3
     assert sum("fighting the declaration" in m for m in messages) == 1
