@@ -106,8 +106,10 @@ class NewServices:
                 if exc.status == 410:
                     rv = self.core.list_namespaced_service(NAMESPACE).metadata.resource_version
 
-    def replaced(self, name: str, old_uid: str) -> float | None:
-        return min((t for (n, uid), t in list(self.seen.items()) if n == name and uid != old_uid), default=None)
+    def replaced(self, name: str, old_uid: str, after: float) -> float | None:
+        """When a Service of that name other than ``old_uid`` was first seen after ``after``."""
+        return min((t for (n, uid), t in list(self.seen.items()) if n == name and uid != old_uid and t >= after),
+                   default=None)
 
 
 def run_loop(runner: Runner, stop: threading.Event, ticks: list[float], errors: list[str]) -> None:
@@ -235,7 +237,7 @@ def main() -> None:
             repairs = []
             for name, uid, t in drifts:
                 deadline = time.monotonic() + 60
-                while (seen := services.replaced(name, uid)) is None and time.monotonic() < deadline:
+                while (seen := services.replaced(name, uid, t)) is None and time.monotonic() < deadline:
                     time.sleep(0.5)
                 repairs.append(seen - t if seen is not None else float("inf"))
             say(f"churn: {len(writes)} writes, latency p50 {percentile(latencies, 50):.2f}s p95 "
