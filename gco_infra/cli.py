@@ -288,6 +288,9 @@ def build_runner(stacks: list[str], opts: Any, progress):
 
 OPERATION_LIMIT = 3600.0
 """Seconds after which a running Pulumi operation makes the runner's liveness probe fail."""
+DELETION_WINDOW = 60.0
+"""Seconds over which `run`'s removals count together against the deletion bound (its ticks are 2 s
+apart; one 15 s tick of the old interval was judged on its own)."""
 SHUTDOWN_WAIT = 80.0
 """On SIGTERM, seconds the running operations get to end before their engines are interrupted
 (then 30 s more to write their checkpoints): inside the runner pod's 120 s grace period."""
@@ -346,7 +349,7 @@ def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float 
     opts = RunnerOptions(full_every=full_every, allow_mass_delete=allow_mass_delete, parallel=parallel or 1,
                          max_delete_fraction=max_delete_fraction, max_delete_min=max_delete_min,
                          table_stream=table_stream, rescan_every=rescan_every, checkpoints=checkpoints,
-                         overlap=not once)
+                         overlap=not once, deletion_window=0.0 if once else DELETION_WINDOW)
     try:
         runner = build_runner(_stacks_for(stacks), opts, progress=lambda s: log.info("progress", msg=s))
     except ProgramError as exc:

@@ -29,8 +29,9 @@ class RunnerOptions:
     stack for minutes, but sweeps: a few endpoints at a time join a targeted update (``sweep_batch``)."""
     sweep_batch: int = 25
     """Endpoints refreshed by one sweep of a stack."""
-    deletion_window: float = 600.0
-    """Endpoints removed within this many seconds count together against the deletion bound."""
+    deletion_window: float = 0.0
+    """Endpoints removed within this many seconds count together against the deletion bound (0: each
+    tick on its own; `gco-infra run`, whose ticks are 2 s apart, uses 60)."""
     check_every: float = 30.0
     """Seconds between checks of a stack's locks and checkpoint (an S3 LIST each) while the stack has
     nothing to do; a stack with something to do is always checked before its operation."""

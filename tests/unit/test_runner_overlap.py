@@ -182,6 +182,7 @@ def test_recent_removals_count_against_the_bound_across_ticks():
     assert removal_refusal("s", 5, 95, opts, recent=5) is None  # 10 of the 100 there were
     refused = removal_refusal("s", 5, 90, opts, recent=10)
     assert refused and "10 already removed in the last 600s" in refused
+    assert RunnerOptions().deletion_window == 0.0  # each tick on its own unless `run` sets a window
     r = runner(deletion_window=600.0)
     r._removals = [(0.0, "s.shard-0", "s", 4), (500.0, "s.shard-1", "s", 3), (900.0, "s", "s", 1)]
     assert r._recent_removals(now=1000.0) == {"s.shard-1": 3, "s": 4}
