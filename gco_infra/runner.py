@@ -597,7 +597,7 @@ class Runner:
 
     def _submit(self, state: StackState, items: list[dict[str, Any]], plan: Plan, targets: list[str] | None) -> Future:
         args = (state.settings, items, plan, state.outputs, self.env, self.opts, targets)
-        if not self.opts.overlap and self.opts.parallel <= 1:
+        if self.opts.parallel <= 1:  # in this process (no worker processes): the tick waits for it
             done: Future = Future()
             done.set_result(operate(*args))
             return done

@@ -162,9 +162,9 @@ class Workloads:
     interval: int = 2
     full_every: int = 21600
     """The sweep's period, the backstop: drift is repaired by the runner's watch in seconds."""
-    parallel: int = 2
-    """Runner worker processes (each up to about 400 MiB while it operates a stack): within the
-    container's memory limit, whatever the node's CPU count."""
+    parallel: int = 1
+    """Runner operations at once. 1: in the runner's own process, as before worker processes
+    existed; the runner pod has not been verified with worker processes yet."""
     health_replicas: int = 2
 
     @property
