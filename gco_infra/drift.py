@@ -173,6 +173,22 @@ class _Gone(Exception):
     """The resourceVersion is too old (410): list again."""
 
 
+def request(api, path: str, query: list[tuple[str, Any]], read_timeout: float):
+    """A GET of a collection (a list, or a watch with ``watch=true``) as an unread JSON response;
+    410 Gone raises _Gone. Shared by the drift watch and the health job's cache (kubecache)."""
+    from kubernetes.client import ApiException
+
+    try:
+        return api.call_api(
+            path, "GET", query_params=query, header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"], _return_http_data_only=True, _preload_content=False,
+            _request_timeout=(10, read_timeout))
+    except ApiException as exc:
+        if exc.status == 410:
+            raise _Gone() from exc
+        raise
+
+
 @dataclass
 class _Stream:
     kind: Kind
@@ -289,17 +305,7 @@ class DriftWatch:
         return delay * random.uniform(0.8, 1.2)
 
     def _request(self, s: _Stream, query: list[tuple[str, Any]], read_timeout: float):
-        from kubernetes.client import ApiException
-
-        try:
-            return self.api.call_api(
-                s.kind.path.format(ns=s.namespace), "GET", query_params=query,
-                header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
-                _return_http_data_only=True, _preload_content=False, _request_timeout=(10, read_timeout))
-        except ApiException as exc:
-            if exc.status == 410:
-                raise _Gone() from exc
-            raise
+        return request(self.api, s.kind.path.format(ns=s.namespace), query, read_timeout)
 
     def _list(self, s: _Stream) -> None:
         with self._lock:

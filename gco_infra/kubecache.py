@@ -24,16 +24,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
-from .drift import Kind, _lines
+from .drift import Kind, _Gone, _lines, request
 
 log = logging.getLogger(__name__)
 
 DEPLOYMENTS = Kind("Deployment", "/apis/apps/v1/namespaces/{ns}/deployments")
 INGRESSES = Kind("Ingress", "/apis/networking.k8s.io/v1/namespaces/{ns}/ingresses")
-
-
-class _Gone(Exception):
-    """The resourceVersion is too old (410): list again."""
 
 
 @dataclass
@@ -185,17 +181,7 @@ class ObjectCache:
             self._errors.pop(s.key, None)
 
     def _request(self, s: _Stream, query: list[tuple[str, Any]], read_timeout: float):
-        from kubernetes.client import ApiException
-
-        try:
-            return self.api.call_api(
-                s.kind.path.format(ns=s.namespace), "GET", query_params=query,
-                header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
-                _return_http_data_only=True, _preload_content=False, _request_timeout=(10, read_timeout))
-        except ApiException as exc:
-            if exc.status == 410:
-                raise _Gone() from exc
-            raise
+        return request(self.api, s.kind.path.format(ns=s.namespace), query, read_timeout)
 
     def _list(self, s: _Stream) -> None:
         with self._lock:
