@@ -578,7 +578,8 @@ def health(stack: str, once: bool, interval: float, threshold: float, lease_name
                                                             renew_deadline=renew_deadline, request_timeout=request_timeout)
     job = HealthJob(store, api, settings.region, settings.allowed_namespaces, threshold=threshold,
                     known_regions=known_regions(), elector=elector, request_timeout=request_timeout,
-                    table_stream=table_stream, rescan_every=rescan_every, watch_cache=watch_cache and not once)
+                    table_stream=table_stream, rescan_every=rescan_every, watch_cache=watch_cache and not once,
+                    rollout_policy=settings.rollout_policy)
     if liveness_port:
         serve_liveness(job_is_healthy(job, max_age=max(3 * interval, 60)), liveness_port)
     try:
@@ -588,6 +589,7 @@ def health(stack: str, once: bool, interval: float, threshold: float, lease_name
             log.info("health", region=settings.region, leader=report.leader, endpoints=report.endpoints,
                      writes=report.writes, withdrawn=report.withdrawn or None, readmitted=report.readmitted or None,
                      promoted=report.promoted or None, purged=report.purged or None, invalid=report.invalid or None,
+                     rollouts=report.rollouts or None,
                      problems=report.problems or None, api_calls=report.api_calls, observed=report.observed or None,
                      table_read=report.table_read or None, error=report.error)
             if once:

@@ -6,10 +6,12 @@ either a valid :class:`Endpoint` or a list of precise errors that name the endpo
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from datetime import datetime
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any, Iterable, Mapping
 
@@ -121,6 +123,29 @@ class Spec:
 
 
 @dataclass(frozen=True)
+class RolloutPolicy:
+    """How a change of ``spec`` reaches the endpoint's regions (record field ``rollout_policy``, or a
+    stack's ``gco:rolloutPolicy``): wave by wave, each healthy for its bake time before the next."""
+
+    waves: tuple[tuple[str, ...], ...]
+    bake_seconds: tuple[int, ...]
+    """One per wave: how long every region of the wave must stay healthy before the next wave."""
+    unready_limit_seconds: int = 600
+    """How long a region of the current wave may stay unhealthy on the new revision before the
+    rollout fails and rolls back."""
+    urgent: bool = False
+    """Every change goes to every region at once (waves skipped) while this is set."""
+
+    def bake_for(self, wave: int) -> int:
+        return self.bake_seconds[min(wave, len(self.bake_seconds) - 1)] if self.bake_seconds else 0
+
+
+DEFAULT_BAKE_SECONDS = 300
+DEFAULT_UNREADY_LIMIT = 600
+MAX_BAKE_SECONDS = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
 class RegionStatus:
     """One region's entry in ``region_status``; read leniently, other tools write it too."""
 
@@ -132,6 +157,8 @@ class RegionStatus:
     ingress: str | None = None
     unready_since: str | None = None
     message: str | None = None
+    revision: str | None = None
+    """The revision the region's Deployment runs (health job; endpoints rolled out under a policy)."""
 
     @property
     def ingress_withdrawn(self) -> bool:
@@ -151,6 +178,11 @@ class Endpoint:
     labels: Mapping[str, str] = field(default_factory=dict)
     created_by: str | None = None
     region_status: Mapping[str, RegionStatus] = field(default_factory=dict)
+    rollout_policy: RolloutPolicy | None = None
+    """The record's own policy; a stack's default applies when None (see rollout.policy_for)."""
+    revision: str | None = None
+    """Set by rollout.region_view on endpoints rolled out under a policy: the revision (spec digest)
+    declared in this region, written on the Deployment for the health job to report."""
 
     def targets(self, region: str) -> bool:
         return region in self.target_regions
@@ -439,7 +471,7 @@ def _canary(errs: _Errors, value: Any) -> Canary | None:
     return Canary(image=image, weight=weight, replicas=replicas)
 
 
-_STATUS_TEXT = ("last_sync", "error", "ingress", "unready_since", "message")
+_STATUS_TEXT = ("last_sync", "error", "ingress", "unready_since", "message", "revision")
 _STATUS_NUMBERS = ("replicas_ready", "replicas_desired")
 
 
@@ -609,6 +641,7 @@ def parse_endpoint(item: Mapping[str, Any], *, allowed_namespaces: Iterable[str]
         errs.add("spec", f"must be a map, got {type(spec_raw).__name__}")
         spec_raw = {}
     spec = _spec(errs, spec_raw, raw_name if isinstance(raw_name, str) else "")
+    policy = parse_rollout_policy(errs, "rollout_policy", item.get("rollout_policy"))
 
     if errs.items or spec is None or desired is None:
         return ParseResult(name, None, tuple(errs.items))
@@ -620,8 +653,87 @@ def parse_endpoint(item: Mapping[str, Any], *, allowed_namespaces: Iterable[str]
         labels={k: str(v) for k, v in item["labels"].items()} if isinstance(item.get("labels"), Mapping) else {},
         created_by=item.get("created_by") if isinstance(item.get("created_by"), str) else None,
         region_status=_read_region_status(item.get("region_status"), _Errors(name)),
+        rollout_policy=policy,
     )
     return ParseResult(name, endpoint, ())
+
+
+MAX_WAVES = 16
+
+
+def parse_rollout_policy(errs: _Errors, path: str, value: Any) -> RolloutPolicy | None:
+    """A rollout policy map, or None when absent; errors name the field (``rollout_policy.waves[1][0]``)."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        errs.add(path, f"must be a map, got {type(value).__name__}")
+        return None
+    known = {"waves", "bake_seconds", "unready_limit_seconds", "urgent"}
+    for key in value:
+        if key not in known:
+            errs.add(f"{path}.{key}", f"is not a rollout policy field ({', '.join(sorted(known))})")
+    before = len(errs.items)
+    waves: list[tuple[str, ...]] = []
+    seen: set[str] = set()
+    raw_waves = _list(errs, f"{path}.waves", value.get("waves"))
+    if not raw_waves:
+        if raw_waves is not None or value.get("waves") is None:
+            errs.add(f"{path}.waves", "must list at least one wave of regions")
+        raw_waves = []
+    if len(raw_waves) > MAX_WAVES:
+        errs.add(f"{path}.waves", f"must have at most {MAX_WAVES} waves, got {len(raw_waves)}")
+        raw_waves = []
+    for i, wave in enumerate(raw_waves):
+        regions = _list(errs, f"{path}.waves[{i}]", wave)
+        if not regions:
+            if regions is not None:
+                errs.add(f"{path}.waves[{i}]", "must name at least one region")
+            continue
+        names = []
+        for j, region in enumerate(regions):
+            r = _str(errs, f"{path}.waves[{i}][{j}]", region, required=True, limit=32, pattern=_REGION,
+                     hint="must be a region name")
+            if r is None:
+                continue
+            if r in seen:
+                errs.add(f"{path}.waves[{i}][{j}]", f"names {r} a second time (a region belongs to one wave)")
+                continue
+            seen.add(r)
+            names.append(r)
+        waves.append(tuple(names))
+    raw_bake = value.get("bake_seconds")
+    if isinstance(raw_bake, (list, tuple)):
+        if len(raw_bake) != len(raw_waves):
+            errs.add(f"{path}.bake_seconds", f"must be one number or one per wave ({len(raw_waves)}), got {len(raw_bake)}")
+        bake = tuple(b for i, v in enumerate(raw_bake[:MAX_WAVES])
+                     if (b := _int(errs, f"{path}.bake_seconds[{i}]", v, DEFAULT_BAKE_SECONDS, 0, MAX_BAKE_SECONDS)) is not None)
+    else:
+        one = _int(errs, f"{path}.bake_seconds", raw_bake, DEFAULT_BAKE_SECONDS, 0, MAX_BAKE_SECONDS)
+        bake = (one if one is not None else DEFAULT_BAKE_SECONDS,) * max(1, len(waves))
+    limit = _int(errs, f"{path}.unready_limit_seconds", value.get("unready_limit_seconds"), DEFAULT_UNREADY_LIMIT,
+                 1, MAX_BAKE_SECONDS)
+    urgent = _bool(errs, f"{path}.urgent", value.get("urgent"), False)
+    if len(errs.items) > before:
+        return None
+    return RolloutPolicy(waves=tuple(waves), bake_seconds=bake, unready_limit_seconds=limit or DEFAULT_UNREADY_LIMIT,
+                         urgent=urgent)
+
+
+def config_rollout_policy(value: Any, key: str = "gco:rolloutPolicy") -> tuple[RolloutPolicy | None, list[str]]:
+    """A stack's default rollout policy from config (a map, or its JSON text), and what is wrong with it."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            return None, [f"{key} must be a map (JSON), got unreadable text: {exc}"]
+    errs = _Errors("")
+    policy = parse_rollout_policy(errs, key, value)
+    return policy, [e.split(": ", 1)[1] for e in errs.items]
+
+
+def rollout_policy_to_item(policy: RolloutPolicy) -> dict[str, Any]:
+    return {"waves": [list(w) for w in policy.waves], "bake_seconds": list(policy.bake_seconds),
+            "unready_limit_seconds": policy.unready_limit_seconds, "urgent": policy.urgent}
 
 
 def _spec(errs: _Errors, raw: Mapping[str, Any], name: str) -> Spec | None:
@@ -767,7 +879,17 @@ def endpoint_to_item(ep: Endpoint) -> dict[str, Any]:
             item[key] = getattr(ep, key)
     if ep.labels:
         item["labels"] = dict(ep.labels)
+    if ep.rollout_policy is not None:
+        item["rollout_policy"] = rollout_policy_to_item(ep.rollout_policy)
     return item
+
+
+def spec_revision(ep: Endpoint) -> str:
+    """The revision of an endpoint's spec: a digest of the spec as validated (so ``"2"`` and 2, or a
+    default written out, are one revision)."""
+    spec = endpoint_to_item(replace(ep, rollout_policy=None))["spec"]
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def region_statuses(value: Any) -> dict[str, RegionStatus]:
@@ -778,7 +900,7 @@ def region_statuses(value: Any) -> dict[str, RegionStatus]:
 # ---- a stored region status entry, as both writers (runner, health job) need it ----------------------------
 
 STATUS_NUMBERS = ("replicas_ready", "replicas_desired", "canary_ready", "canary_desired")
-STATUS_TEXTS = ("last_sync", "error", "message")
+STATUS_TEXTS = ("last_sync", "error", "message", "revision")
 INGRESS_FLAGS = ("active", "withdrawn")
 MAX_STATUS_TEXT = 4096
 MAX_STATUS_SIZE = 16 * 1024

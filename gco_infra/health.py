@@ -29,8 +29,10 @@ from typing import Any, Callable, Iterable, Mapping
 import urllib3
 from kubernetes import client
 
-from .endpoint import validate_all
+from . import rollout
+from .endpoint import RolloutPolicy, endpoint_to_item, validate_all
 from .kubecache import DEPLOYMENTS, INGRESSES, ObjectCache
+from .manifests import REVISION_ANNOTATION
 from .store import EndpointStore, StoreError, TableCache
 from .watchdog import Observed, Record, decide, purge_blocker, read_records, stored_entry, track_of
 
@@ -206,10 +208,14 @@ def add_deployment(seen: dict[str, Observed], obj: Mapping[str, Any]) -> None:
     status = obj.get("status")
     st = status if isinstance(status, Mapping) else {}
     t.seen = True
+    revision = _field(meta, "annotations").get(REVISION_ANNOTATION)
+    if isinstance(revision, str) and revision:
+        t.revision = revision[:64]
     t.desired += want
     t.ready += _count(st.get("readyReplicas"))
+    # Pods of an older template still counted (a rollout in progress): their readiness is not this one's.
     if (status is None or _count(st.get("observedGeneration")) < _count(meta.get("generation"))
-            or _count(st.get("updatedReplicas")) < want):
+            or _count(st.get("updatedReplicas")) < want or _count(st.get("replicas")) > want):
         t.updated = False
 
 
@@ -233,6 +239,8 @@ class HealthReport:
     readmitted: list[str] = field(default_factory=list)
     promoted: list[str] = field(default_factory=list)
     purged: list[str] = field(default_factory=list)
+    rollouts: dict[str, str] = field(default_factory=dict)
+    """Endpoint -> what its rollout did this tick (started, healthy, advanced, completed, failed, ...)."""
     invalid: list[str] = field(default_factory=list)
     """Invalid records still watched (leniently read: never promoted or purged)."""
     problems: dict[str, str] = field(default_factory=dict)
@@ -255,7 +263,7 @@ class HealthJob:
                  threshold: float = 300.0, known_regions: Iterable[str] | None = None,
                  elector: LeaseElector | None = None, request_timeout: float = REQUEST_TIMEOUT,
                  table_stream: bool = True, rescan_every: float = 300.0, watch_cache: bool = False,
-                 clock: Callable[[], float] = time.time) -> None:
+                 rollout_policy: RolloutPolicy | None = None, clock: Callable[[], float] = time.time) -> None:
         self.store, self.region, self.namespaces = store, region, tuple(namespaces)
         self.api = api
         bounded = without_retries(api)
@@ -274,6 +282,8 @@ class HealthJob:
         """Observe from a watch-backed cache (started at the first observation) while it is current."""
         self._objects: ObjectCache | None = None
         self.last_success: float | None = None
+        self.rollout_policy = rollout_policy
+        """The stack's default rollout policy (gco:rolloutPolicy), for records that carry none."""
 
     def observe(self, report: HealthReport) -> dict[str, Observed]:
         """From the watch cache when it is ready and every stream is current (no request); otherwise
@@ -374,6 +384,7 @@ class HealthJob:
             except RECORD_ERRORS as exc:
                 report.problems[record.name] = f'endpoint "{record.name}": {type(exc).__name__}: {exc}'[:500]
         self._promote_and_purge(records, observed, report)
+        self._rollouts(records, now, report)
         self.last_success = now
         return report
 
@@ -452,6 +463,36 @@ class HealthJob:
                         report.purged.append(ep.name)
             except StoreError as exc:
                 report.problems[ep.name] = f'endpoint "{ep.name}": {exc}'[:500]
+
+
+    def _rollouts(self, records: Iterable[Record], now: float, report: HealthReport) -> None:
+        """Move every rollout on by its gate (rollout.step), from the table's statuses of all regions.
+
+        Any region's job may take a step; the write is conditional on the state it read, so of two
+        jobs that judged the same gate one writes and the other finds the state changed.
+        """
+        for record in records:
+            ep = record.endpoint
+            policy = rollout.policy_for(ep, self.rollout_policy) if ep is not None else None
+            if ep is None or policy is None:
+                continue
+            if not self._acting():
+                return
+            state, problem = rollout.read_state(record.item)
+            if problem is not None:
+                report.problems[ep.name] = (f'endpoint "{ep.name}": {problem}; its regions keep what they run '
+                                            f"(`gco-infra rollout abort {ep.name}` starts over)")
+                continue
+            try:
+                step = rollout.step(ep, policy, state, endpoint_to_item(ep)["spec"], now)
+                if step.state is None:
+                    continue
+                if self.store.write_rollout(ep.name, rollout.state_to_item(step.state),
+                                            expected_seq=state.seq if state is not None else None):
+                    report.writes += 1
+                    report.rollouts[ep.name] = step.event or "written"
+            except RECORD_ERRORS as exc:
+                report.problems[ep.name] = f'endpoint "{ep.name}": rollout: {type(exc).__name__}: {exc}'[:500]
 
 
 # ---- liveness ------------------------------------------------------------------------------------------------------

@@ -20,6 +20,9 @@ DECLARATION_VERSION = "2"
 SKIP_AWAIT = {"pulumi.com/skipAwait": "true"}
 PATCH_FORCE = {"pulumi.com/patchForce": "true"}
 DELETION_POLICY = "pulumi.com/deletionPropagationPolicy"
+REVISION_ANNOTATION = "gco.io/revision"
+"""On the Deployments of an endpoint rolled out under a policy: the revision (spec digest) declared,
+which the health job reports per region (see rollout.py)."""
 ALB = "alb.ingress.kubernetes.io/"
 
 # Object roles, in the order they are declared.
@@ -208,8 +211,9 @@ def _deployment(ep: Endpoint, region: str, settings: ClusterSettings, *, name: s
     }
     if replicas is not None:
         spec["replicas"] = replicas
+    notes = {REVISION_ANNOTATION: ep.revision} if ep.revision else None
     return {"apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": _meta(ep, name, settings, track=track), "spec": spec}
+            "metadata": _meta(ep, name, settings, track=track, annotations=notes), "spec": spec}
 
 
 def _service(ep: Endpoint, settings: ClusterSettings, *, name: str, track: str) -> dict[str, Any]:

@@ -23,8 +23,9 @@ import pulumi_kubernetes as k8s
 
 from . import manifests as m
 from .component import InferenceEndpoint, InferenceEndpointArgs
-from .endpoint import (DEFAULT_NAMESPACE, Endpoint, Validated, endpoint_to_item, parse_endpoint, record_name,
-                       region_statuses, validate_all)
+from . import rollout
+from .endpoint import (DEFAULT_NAMESPACE, Endpoint, RolloutPolicy, Validated, config_rollout_policy, endpoint_to_item,
+                       parse_endpoint, record_name, region_statuses, validate_all)
 from .store import EndpointStore, StoreConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +56,9 @@ class StackSettings:
     """gco:shards: the region's endpoints are split over this many stacks, ``<stack>.shard-<k>``."""
     shard: int | None = None
     """Which shard this stack is (None: the region's only stack)."""
+    rollout_policy: RolloutPolicy | None = None
+    """gco:rolloutPolicy: the rollout policy of records that carry none (every region's stack should
+    carry the same one: the health jobs of all regions judge one rollout)."""
 
     @property
     def region_stack(self) -> str:
@@ -91,6 +95,17 @@ def owned(validated: Validated, settings: StackSettings) -> Validated:
         return validated
     return Validated(endpoints={n: e for n, e in validated.endpoints.items() if settings.owns(n)},
                      invalid={n: e for n, e in validated.invalid.items() if settings.owns(n)})
+
+
+def as_declared(validated: Validated, settings: StackSettings, items: list[Mapping[str, Any]],
+                previous: Callable[[], Mapping[str, Mapping[str, Any]]]) -> Validated:
+    """This stack's endpoints as it declares them: under a rollout policy, each with the revision the
+    region may run (rollout.region_view). ``previous``: the stack's last applied records."""
+    if settings.rollout_policy is None and not any(isinstance(i, Mapping) and i.get("rollout_policy") is not None
+                                                   for i in items):
+        return validated
+    by_name = {record_name(i): i for i in items if isinstance(i, Mapping)}
+    return rollout.region_view(validated, settings.region, by_name, previous, settings.rollout_policy)
 
 
 def _value(raw: Any, kind: type) -> Any:
@@ -159,15 +174,18 @@ def settings_from_values(values: Mapping[str, Any], stack: str) -> StackSettings
         raise ProgramError(f"stack {stack}: gco:shards must be a whole number, got {values.get('shards')!r}") from None
     if not 1 <= shards <= MAX_SHARDS:
         raise ProgramError(f"stack {stack}: gco:shards must be between 1 and {MAX_SHARDS}, got {shards}")
+    policy, problems = config_rollout_policy(values.get("rolloutPolicy"))
+    if problems:
+        raise ProgramError(f"stack {stack}: " + "; ".join(problems))
     return StackSettings(
         stack=stack, region=region, allowed_namespaces=tuple(namespaces), cluster_name=cluster_name,
         aws_region=aws_region, kubeconfig=kubeconfig, kube_context=values.get("kubeContext"),
-        store=store, cluster=cluster, shards=shards,
+        store=store, cluster=cluster, shards=shards, rollout_policy=policy,
     )
 
 
 CONFIG_KEYS = ("region", "allowedNamespaces", "clusterName", "awsRegion", "kubeconfig", "kubeContext", "table",
-               "tableRegion", "dynamodbEndpoint", "shards") + tuple(k for k, _, _ in _CLUSTER_KEYS) + tuple(REMOVED_KEYS)
+               "tableRegion", "dynamodbEndpoint", "shards", "rolloutPolicy") + tuple(k for k, _, _ in _CLUSTER_KEYS) + tuple(REMOVED_KEYS)
 
 
 def load_settings() -> StackSettings:
@@ -351,7 +369,8 @@ def declare(settings: StackSettings, items: list[Mapping[str, Any]],
     resource that is not declared is neither updated nor deleted). ``applied`` returns the stack's
     ``endpoints`` output (what it last applied), read only when an HPA or an invalid record needs it.
     """
-    validated = owned(validate_all(items, allowed_namespaces=settings.allowed_namespaces), settings)
+    validated = as_declared(owned(validate_all(items, allowed_namespaces=settings.allowed_namespaces), settings),
+                            settings, items, previous)
     raw_items = {record_name(i): i for i in items if isinstance(i, Mapping)}
     result = Declared()
     opts = pulumi.ResourceOptions(providers=[provider]) if provider else None

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 
 from . import state as state_backend
 from .endpoint import Validated, region_status_problem, stored_region_status, validate_all
-from .program import ProgramError, StackSettings, owned, previous_records_from_outputs, shard_settings
+from .program import ProgramError, StackSettings, as_declared, owned, previous_records_from_outputs, shard_settings
 from .store import EndpointStore, StoreError, TableCache
 from .plan import (EXIT_CONFIG, EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_REFUSED, EXIT_STORE, GENERAL, PROJECT, Plan,
                    RunnerOptions, StackResult, bound_sharded_regions, desired_for_region, endpoint_of_urn, exit_code,
@@ -560,9 +560,14 @@ class Runner:
     def _declared(self, state: StackState, items: list[dict[str, Any]], generation: Any) -> tuple[Validated, dict[str, str]]:
         namespaces = state.settings.allowed_namespaces
         everything = self._memoized(generation, namespaces, lambda: validate_all(items, allowed_namespaces=namespaces))
-        validated = self._memoized(generation, ("owned", state.settings.stack), lambda: owned(everything, state.settings))
-        desired = self._memoized(generation, ("desired", state.settings.stack),
-                                 lambda: desired_for_region(validated, state.settings))
+        # Under a rollout policy what a region declares depends on what the stack last applied too.
+        outputs = state.outputs
+        key = (state.settings.stack, id(outputs))
+        self._memoized(generation, ("pin", key), lambda: outputs)  # its id stays its own while memoized
+        validated = self._memoized(generation, ("owned", key), lambda: as_declared(
+            owned(everything, state.settings), state.settings, items,
+            lambda: previous_records_from_outputs(outputs or {})))
+        desired = self._memoized(generation, ("desired", key), lambda: desired_for_region(validated, state.settings))
         return validated, desired
 
     def _quiet_stack(self, state: StackState, items: list[dict[str, Any]], generation: Any,

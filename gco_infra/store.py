@@ -373,6 +373,25 @@ class EndpointStore:
             ConditionExpression="attribute_exists(endpoint_name) AND #rs.#r = :e",
         )
 
+    def write_rollout(self, name: str, value: Mapping[str, Any], *, expected_seq: int | None) -> bool:
+        """Replace the record's ``rollout`` if its ``seq`` is still ``expected_seq`` (None: there is none).
+
+        Never creates an item. Two health jobs (or a job and a person's ``gco-infra rollout``) that
+        read the same state cannot both move it on: the second write's condition fails.
+        """
+        if expected_seq is None:
+            cond = "attribute_exists(endpoint_name) AND attribute_not_exists(#ro)"
+            values = {":v": _dynamo(dict(value))}
+        else:
+            cond = "attribute_exists(endpoint_name) AND #ro.#seq = :e"
+            values = {":v": _dynamo(dict(value)), ":e": expected_seq}
+        names = {"#ro": "rollout"}
+        if expected_seq is not None:
+            names["#seq"] = "seq"
+        return self._update(Key={"endpoint_name": name}, UpdateExpression="SET #ro = :v",
+                            ExpressionAttributeNames=names, ExpressionAttributeValues=values,
+                            ConditionExpression=cond)
+
     def set_desired_state(self, name: str, new: str, *, expected: str) -> bool:
         """Change desired_state only if it is still ``expected`` (a concurrent stop or delete wins)."""
         return self._update(

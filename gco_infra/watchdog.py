@@ -47,6 +47,8 @@ class Track:
     ready: int = 0
     desired: int = 0
     updated: bool = True
+    revision: str | None = None
+    """The revision its Deployment declares (endpoints rolled out under a policy)."""
 
 
 @dataclass
@@ -139,7 +141,8 @@ def read_records(items: Iterable[Any], validated: Validated) -> tuple[list[Recor
 # ---- decisions (pure) ------------------------------------------------------------------------------------------
 
 
-COMPARED = ("state", "replicas_ready", "replicas_desired", "canary_ready", "canary_desired", "ingress", "unready_since")
+COMPARED = ("state", "replicas_ready", "replicas_desired", "canary_ready", "canary_desired", "ingress", "unready_since",
+            "revision")
 """A status is written only when one of these changes (not for last_sync or message alone)."""
 
 
@@ -171,6 +174,10 @@ def decide(stored: Mapping[str, Any] | None, obs: Observed, *, desired_state: st
     new = dict(old)
     primary, canary = obs.primary, obs.canary
     new["replicas_ready"], new["replicas_desired"] = primary.ready, primary.desired
+    if primary.revision:
+        new["revision"] = primary.revision
+    else:
+        new.pop("revision", None)
     if canary.seen:
         new["canary_ready"], new["canary_desired"] = canary.ready, canary.desired
     else:

@@ -1,0 +1,408 @@
+"""Progressive rollouts, pure: which revision each region may run, and how a rollout moves on.
+
+A record with a rollout policy (its own ``rollout_policy``, or a stack's ``gco:rolloutPolicy``) does
+not take a spec change to every region at once. Every spec has a revision (``spec_revision``). The
+table's ``rollout`` attribute (written by the health job and ``gco-infra rollout``, conditionally on
+its ``seq``) records which revision each region may run; a region that may not run the record's
+current revision keeps running the one it may (its spec is kept in ``rollout.specs``, or, before any
+rollout was recorded, the stack's last applied record). The health job moves a rollout on (``step``):
+wave by wave, each healthy for its bake time, and rolls every region that got a failing revision
+back to what it ran before.
+
+Only ``spec`` is rolled out: ``desired_state`` (stop, delete), targets, namespace and path apply to
+every region at once, as without a policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Mapping
+
+from .endpoint import (Endpoint, RegionStatus, RolloutPolicy, Validated, endpoint_to_item, parse_endpoint,
+                       spec_revision)
+from .watchdog import _iso, _parse_iso
+
+ATTRIBUTE = "rollout"
+"""The table attribute this module's state lives in (additive: other writers never touch it)."""
+PHASES = ("progressing", "paused", "complete", "failed", "aborted")
+STOPPED_PHASES = ("failed", "aborted")
+"""A rollout that stopped: every region that got its revision went back to its base revision, and
+the revision is not tried again until the record's spec changes."""
+MAX_FAILED = 20
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    """The table's ``rollout`` attribute, as read."""
+
+    revision: str
+    """The revision being rolled out (the record's spec's revision when it was written)."""
+    phase: str = "progressing"
+    wave: int = 0
+    """The wave that is baking (every wave before it passed its gate)."""
+    wave_started: str | None = None
+    healthy_since: str | None = None
+    """When every region of the current wave was first seen healthy on the revision (the bake timer)."""
+    regions: Mapping[str, str] = field(default_factory=dict)
+    """Region -> the revision it may run. A region without an entry keeps what it runs."""
+    base: Mapping[str, str] = field(default_factory=dict)
+    """Region -> the revision it might run before this rollout: where a failed rollout goes back to."""
+    specs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Revision -> the spec, for every revision in ``regions`` and ``base``: nothing rolled back is lost."""
+    failed: tuple[str, ...] = ()
+    approved: int = -1
+    """A wave a person approved: it advances as soon as it is healthy, without its bake time."""
+    seq: int = 0
+    message: str = ""
+    updated_at: str | None = None
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def read_state(item: Mapping[str, Any]) -> tuple[RolloutState | None, str | None]:
+    """(the rollout state, None) or (None, why it cannot be read); (None, None) when there is none."""
+    raw = item.get(ATTRIBUTE) if isinstance(item, Mapping) else None
+    if raw is None:
+        return None, None
+    if not isinstance(raw, Mapping):
+        return None, f"rollout must be a map, got {_show(raw)}"
+    revision, phase = raw.get("revision"), raw.get("phase")
+    if not isinstance(revision, str) or not revision:
+        return None, "rollout.revision must be a revision string"
+    if phase not in PHASES:
+        return None, f"rollout.phase must be one of {', '.join(PHASES)}, got {_show(phase)}"
+    numbers = {}
+    for key, default in (("wave", 0), ("approved", -1), ("seq", 0)):
+        value = raw.get(key, default)
+        try:
+            numbers[key] = int(value)
+        except (TypeError, ValueError):
+            return None, f"rollout.{key} must be a whole number, got {_show(value)}"
+        if isinstance(value, bool) or numbers[key] != value:
+            return None, f"rollout.{key} must be a whole number, got {_show(value)}"
+    maps = {}
+    for key in ("regions", "base"):
+        value = raw.get(key) or {}
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            return None, f"rollout.{key} must map regions to revisions"
+        maps[key] = dict(value)
+    specs = raw.get("specs") or {}
+    if not isinstance(specs, Mapping) or not all(isinstance(k, str) and isinstance(v, Mapping) for k, v in specs.items()):
+        return None, "rollout.specs must map revisions to specs"
+    failed = raw.get("failed") or []
+    if not isinstance(failed, (list, tuple)) or not all(isinstance(f, str) for f in failed):
+        return None, "rollout.failed must be a list of revisions"
+    texts = {}
+    for key in ("wave_started", "healthy_since", "message", "updated_at"):
+        value = raw.get(key)
+        if value is not None and not isinstance(value, str):
+            return None, f"rollout.{key} must be a string, got {_show(value)}"
+        texts[key] = value
+    return RolloutState(revision=revision, phase=phase, regions=maps["regions"], base=maps["base"],
+                        specs={k: dict(v) for k, v in specs.items()}, failed=tuple(failed),
+                        wave_started=texts["wave_started"], healthy_since=texts["healthy_since"],
+                        message=texts["message"] or "", updated_at=texts["updated_at"], **numbers), None
+
+
+def state_to_item(state: RolloutState) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "revision": state.revision, "phase": state.phase, "wave": state.wave, "regions": dict(state.regions),
+        "base": dict(state.base), "specs": {k: dict(v) for k, v in state.specs.items()},
+        "failed": list(state.failed), "approved": state.approved, "seq": state.seq, "message": state.message,
+    }
+    for key in ("wave_started", "healthy_since", "updated_at"):
+        if getattr(state, key) is not None:
+            item[key] = getattr(state, key)
+    return item
+
+
+# ---- which revision a region may run ---------------------------------------------------------------------------
+
+
+def policy_for(ep: Endpoint, default: RolloutPolicy | None) -> RolloutPolicy | None:
+    """The record's policy, else the stack's default; None: the record is applied as without rollouts."""
+    return ep.rollout_policy or default
+
+
+def waves_for(policy: RolloutPolicy, targets: Iterable[str]) -> list[tuple[str, ...]]:
+    """The policy's waves restricted to the endpoint's target regions; targets in no wave go last."""
+    targets = list(targets)
+    waves = [tuple(r for r in wave if r in targets) for wave in policy.waves]
+    waves = [w for w in waves if w]
+    placed = {r for w in waves for r in w}
+    rest = tuple(r for r in targets if r not in placed)
+    return waves + [rest] if rest else waves
+
+
+def allowed_revision(ep: Endpoint, policy: RolloutPolicy, state: RolloutState | None, region: str,
+                     runs_here: bool) -> str | None:
+    """The revision ``region`` may run; None: it keeps the one it runs (the stack's last applied record).
+
+    A region where the endpoint runs nothing has nothing to protect: it takes the current revision
+    (a first deploy skips waves), unless that revision failed. Before the health job records a new
+    revision's rollout, its first wave may already take it.
+    """
+    current = spec_revision(ep)
+    if policy.urgent:
+        return current
+    if state is not None and state.revision == current:
+        if region in state.regions:
+            return state.regions[region]
+        if state.phase in STOPPED_PHASES:
+            return None
+        return None if runs_here else current
+    # A change the health job has not recorded yet.
+    if not runs_here:
+        return current
+    waves = waves_for(policy, ep.target_regions)
+    if waves and region in waves[0]:
+        return current
+    return state.regions.get(region) if state is not None else None
+
+
+def region_view(validated: Validated, region: str, items: Mapping[str, Mapping[str, Any]],
+                kept: Callable[[], Mapping[str, Mapping[str, Any]]], default: RolloutPolicy | None) -> Validated:
+    """The table as this region declares it: each endpoint under a policy with the spec of the revision
+    the region may run (and that revision, for the Deployment's annotation). ``kept`` returns the
+    stack's last applied records by name (read only when needed). Endpoints without a policy are
+    the very same objects."""
+    out: dict[str, Endpoint] = {}
+    changed = False
+    memo: list[Mapping[str, Mapping[str, Any]]] = []
+
+    def applied() -> Mapping[str, Mapping[str, Any]]:
+        if not memo:
+            memo.append(kept())
+        return memo[0]
+
+    for name, ep in validated.endpoints.items():
+        policy = policy_for(ep, default)
+        if policy is None or ep.desired_state == "deleted" or not ep.targets(region):
+            out[name] = ep
+            continue
+        changed = True
+        item = items.get(name) or {}
+        state, problem = read_state(item)
+        previous = applied().get(name)
+        view = declared_revision(ep, policy, state, region, previous, broken=problem is not None)
+        if view is not None:
+            out[name] = view
+    if not changed:
+        return validated
+    return Validated(endpoints=out, invalid=validated.invalid)
+
+
+def declared_revision(ep: Endpoint, policy: RolloutPolicy, state: RolloutState | None, region: str,
+                      previous: Mapping[str, Any] | None, *, broken: bool = False) -> Endpoint | None:
+    """``ep`` as ``region`` declares it (None: nothing is declared there). ``broken``: the rollout state
+    cannot be read, so the region keeps what it runs until someone fixes or aborts it."""
+    current = spec_revision(ep)
+    kept = _spec_of(ep, previous) if previous is not None else None
+    if broken:
+        allowed = None if previous is not None else current
+    else:
+        allowed = allowed_revision(ep, policy, state, region, previous is not None)
+    if allowed == current:
+        return replace(ep, revision=current)
+    stored = state.specs.get(allowed) if state is not None and allowed is not None else None
+    if stored is not None:
+        spec_ep = _spec_of(ep, {"spec": stored})
+        if spec_ep is not None:
+            return replace(ep, spec=spec_ep.spec, revision=allowed)
+    if kept is not None:
+        return replace(ep, spec=kept.spec, revision=spec_revision(kept))
+    if previous is None and not (state is not None and state.revision == current and state.phase in STOPPED_PHASES):
+        return replace(ep, revision=current)
+    return None
+
+
+def _spec_of(ep: Endpoint, record: Mapping[str, Any]) -> Endpoint | None:
+    """``ep`` with ``record``'s spec, if that spec validates today."""
+    item = {**endpoint_to_item(ep), "spec": record.get("spec")}
+    parsed = parse_endpoint(item, allowed_namespaces=(ep.namespace,))
+    return replace(ep, spec=parsed.endpoint.spec) if parsed.endpoint is not None else None
+
+
+# ---- the gate: how the health job moves a rollout on -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    state: RolloutState | None = None
+    """The state to write (conditional on the state read), or None when nothing changes."""
+    event: str | None = None
+    """started, recorded, healthy, advanced, completed, failed."""
+
+
+def region_health(ep: Endpoint, status: RegionStatus, revision: str) -> str:
+    """healthy, withdrawn (the watchdog took its Ingress off the ALB on this revision) or waiting."""
+    if status.revision != revision:
+        return "waiting"
+    if ep.desired_state == "stopped":
+        return "healthy" if status.state == "stopped" else "waiting"
+    if status.ingress_withdrawn:
+        return "withdrawn"
+    ready, desired = status.replicas_ready or 0, status.replicas_desired or 0
+    return "healthy" if status.state == "running" and desired > 0 and ready >= desired else "waiting"
+
+
+def _runs_anything(ep: Endpoint) -> bool:
+    return any(s.state not in (None, "pending") or s.revision for s in ep.region_status.values())
+
+
+def _with(state: RolloutState, now: float, **changes: Any) -> RolloutState:
+    return replace(state, seq=state.seq + 1, updated_at=_iso(now), **changes)
+
+
+def start(ep: Endpoint, policy: RolloutPolicy, state: RolloutState | None, spec: Mapping[str, Any],
+          now: float) -> RolloutState:
+    """A rollout of the record's current revision, from what every region may run now."""
+    current = spec_revision(ep)
+    waves = waves_for(policy, ep.target_regions)
+    base = dict(state.regions) if state is not None else {}
+    if state is None:  # before the first recorded rollout: regions run what their statuses show
+        base = {r: s.revision for r, s in ep.region_status.items() if s.revision and r in ep.target_regions}
+    first_deploy = not _runs_anything(ep) and state is None
+    regions = {r: rev for r, rev in base.items() if r in ep.target_regions}
+    if policy.urgent or first_deploy or all(regions.get(r) == current for w in waves for r in w):
+        allowed = {r: current for w in waves for r in w}
+        why = "urgent change: every region at once" if policy.urgent else \
+            "first deploy: every region at once" if first_deploy else "every region already runs it"
+        return RolloutState(revision=current, phase="complete", wave=len(waves), wave_started=_iso(now),
+                            regions=allowed, base=base, specs={current: dict(spec)},
+                            failed=state.failed if state else (), seq=(state.seq if state else 0) + 1,
+                            message=why, updated_at=_iso(now))
+    for r in waves[0]:
+        regions[r] = current
+    specs = {rev: state.specs[rev] for rev in set(base.values()) if state is not None and rev in state.specs}
+    specs[current] = dict(spec)
+    return RolloutState(revision=current, phase="progressing", wave=0, wave_started=_iso(now), regions=regions,
+                        base=base, specs=specs, failed=state.failed if state else (),
+                        seq=(state.seq if state else 0) + 1, message=f"wave 1 of {len(waves)}: {', '.join(waves[0])}",
+                        updated_at=_iso(now))
+
+
+def step(ep: Endpoint, policy: RolloutPolicy, state: RolloutState | None, spec: Mapping[str, Any],
+         now: float) -> Step:
+    """The next rollout state of one endpoint, from its record and every region's status (pure).
+
+    ``spec`` is the record's raw spec, kept in the state so the revision can be rolled back to
+    later. The table's statuses are written by each region's health job; any of them may take the
+    step, and the conditional write on ``seq`` lets exactly one do it.
+    """
+    if ep.desired_state == "deleted":
+        return Step()
+    current = spec_revision(ep)
+    if state is None or state.revision != current:
+        new = start(ep, policy, state, spec, now)
+        return Step(new, "completed" if new.phase == "complete" else "started")
+    waves = waves_for(policy, ep.target_regions)
+    if state.phase == "complete":
+        missing = {r: current for w in waves for r in w if state.regions.get(r) != current}
+        if missing and not any(state.regions.get(r) for r in missing):  # newly targeted regions
+            return Step(_with(state, now, regions={**state.regions, **missing}), "recorded")
+        return Step()
+    if state.phase != "progressing":
+        return Step()
+    if state.wave >= len(waves):
+        return Step(_with(state, now, phase="complete", message="every wave passed"), "completed")
+    wave = waves[state.wave]
+    health = {r: region_health(ep, ep.status_in(r), current) for r in wave}
+    started = _parse_iso(state.wave_started) or now
+    bad = [r for r, h in health.items() if h == "withdrawn"]
+    slow = [r for r, h in health.items() if h != "healthy" and now - started >= policy.unready_limit_seconds]
+    if bad or slow:
+        why = (f"{', '.join(bad)}: Ingress withdrawn by the watchdog on revision {current}" if bad else
+               f"{', '.join(slow)}: not healthy on revision {current} after {policy.unready_limit_seconds}s")
+        return Step(rollback(state, now, "failed", f"rolled back: {why}"), "failed")
+    if any(h != "healthy" for h in health.values()):
+        if state.healthy_since is not None:
+            return Step(_with(state, now, healthy_since=None), "unhealthy")
+        return Step()
+    if state.healthy_since is None:
+        return Step(_with(state, now, healthy_since=_iso(now)), "healthy")
+    baked = now - (_parse_iso(state.healthy_since) or now) >= policy.bake_for(state.wave)
+    if not baked and state.approved != state.wave:
+        return Step()
+    return Step(advance(state, waves, now), "advanced")
+
+
+def advance(state: RolloutState, waves: list[tuple[str, ...]], now: float) -> RolloutState:
+    """The next wave may run the revision (or the rollout is complete)."""
+    nxt = state.wave + 1
+    if nxt >= len(waves):
+        return _with(state, now, wave=nxt, phase="complete", healthy_since=None, message="every wave passed")
+    regions = {**state.regions, **{r: state.revision for r in waves[nxt]}}
+    return _with(state, now, wave=nxt, regions=regions, wave_started=_iso(now), healthy_since=None,
+                 message=f"wave {nxt + 1} of {len(waves)}: {', '.join(waves[nxt])}")
+
+
+def rollback(state: RolloutState, now: float, phase: str, message: str) -> RolloutState:
+    """Every region that got the revision goes back to its base; the revision is marked failed.
+
+    A region whose base spec is not known (it ran nothing before, or what it ran before the first
+    recorded rollout) keeps the revision: the message says so, and a person decides.
+    """
+    regions = dict(state.regions)
+    unknown = []
+    for r, rev in state.regions.items():
+        if rev != state.revision:
+            continue
+        if state.base.get(r) in state.specs:
+            regions[r] = state.base[r]
+        else:
+            unknown.append(r)
+    failed = tuple(f for f in state.failed if f != state.revision)[-(MAX_FAILED - 1):] + (state.revision,)
+    if unknown:
+        message += f"; {', '.join(unknown)} keep it: the revision they ran before is not known"
+    return _with(state, now, phase=phase, regions=regions, failed=failed, healthy_since=None, message=message)
+
+
+def describe(ep: Endpoint, policy: RolloutPolicy | None, state: RolloutState | None) -> str:
+    """One line for tables: where the endpoint's rollout stands."""
+    if policy is None:
+        return ""
+    current = spec_revision(ep)
+    if state is None or state.revision != current:
+        return f"{current} pending"
+    waves = waves_for(policy, ep.target_regions)
+    where = f"wave {min(state.wave + 1, len(waves))}/{len(waves)}" if state.phase in ("progressing", "paused") else ""
+    return " ".join(p for p in (current, state.phase, where) if p)
+
+
+# ---- a person's steering (gco-infra rollout ...) ------------------------------------------------------------------
+
+
+class SteerError(ValueError):
+    """The rollout is not in a phase that allows this."""
+
+
+def pause(state: RolloutState, now: float, who: str) -> RolloutState:
+    if state.phase != "progressing":
+        raise SteerError(f"the rollout of {state.revision} is {state.phase}, not progressing")
+    return _with(state, now, phase="paused", healthy_since=None, message=f"paused by {who}")
+
+
+def resume(state: RolloutState, now: float, who: str) -> RolloutState:
+    """The paused wave starts over: its unready limit and bake time count from now."""
+    if state.phase != "paused":
+        raise SteerError(f"the rollout of {state.revision} is {state.phase}, not paused")
+    return _with(state, now, phase="progressing", wave_started=_iso(now), healthy_since=None,
+                 message=f"resumed by {who}")
+
+
+def abort(state: RolloutState, now: float, who: str) -> RolloutState:
+    """Stop and roll back as a failed gate would; the revision is not tried again until the spec changes."""
+    if state.phase not in ("progressing", "paused"):
+        raise SteerError(f"the rollout of {state.revision} is {state.phase}: nothing to abort")
+    return rollback(state, now, "aborted", f"aborted by {who}: rolled back")
+
+
+def approve(state: RolloutState, now: float, who: str) -> RolloutState:
+    """The current wave advances as soon as it is healthy, without waiting for its bake time."""
+    if state.phase not in ("progressing", "paused"):
+        raise SteerError(f"the rollout of {state.revision} is {state.phase}: nothing to approve")
+    return _with(state, now, approved=state.wave, message=f"wave {state.wave + 1} approved by {who}")
