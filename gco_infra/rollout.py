@@ -249,8 +249,19 @@ def region_health(ep: Endpoint, status: RegionStatus, revision: str) -> str:
     return "healthy" if status.state == "running" and desired > 0 and ready >= desired else "waiting"
 
 
-def _runs_anything(ep: Endpoint) -> bool:
-    return any(s.state not in (None, "pending") or s.revision for s in ep.region_status.values())
+def _time(text: str | None, default: float) -> float:
+    t = _parse_iso(text)
+    return default if t is None else t
+
+
+RUNNING_STATES = ("running", "updating", "stopping", "stopped")
+
+
+def _runs_another(ep: Endpoint, current: str) -> bool:
+    """Whether a target region reports running another revision, or running one whose revision it
+    does not know (applied before the policy)."""
+    return any((s.revision and s.revision != current) or (not s.revision and s.state in RUNNING_STATES)
+               for r, s in ep.region_status.items() if r in ep.target_regions)
 
 
 def _with(state: RolloutState, now: float, **changes: Any) -> RolloutState:
@@ -265,12 +276,13 @@ def start(ep: Endpoint, policy: RolloutPolicy, state: RolloutState | None, spec:
     base = dict(state.regions) if state is not None else {}
     if state is None:  # before the first recorded rollout: regions run what their statuses show
         base = {r: s.revision for r, s in ep.region_status.items() if s.revision and r in ep.target_regions}
-    first_deploy = not _runs_anything(ep) and state is None
+    first_deploy = state is None and not _runs_another(ep, current)
     regions = {r: rev for r, rev in base.items() if r in ep.target_regions}
     if policy.urgent or first_deploy or all(regions.get(r) == current for w in waves for r in w):
         allowed = {r: current for w in waves for r in w}
         why = "urgent change: every region at once" if policy.urgent else \
-            "first deploy: every region at once" if first_deploy else "every region already runs it"
+            "first deploy (or every region already runs it): every region at once" if first_deploy else \
+            "every region already may run it"
         return RolloutState(revision=current, phase="complete", wave=len(waves), wave_started=_iso(now),
                             regions=allowed, base=base, specs={current: dict(spec)},
                             failed=state.failed if state else (), seq=(state.seq if state else 0) + 1,
@@ -311,7 +323,7 @@ def step(ep: Endpoint, policy: RolloutPolicy, state: RolloutState | None, spec: 
         return Step(_with(state, now, phase="complete", message="every wave passed"), "completed")
     wave = waves[state.wave]
     health = {r: region_health(ep, ep.status_in(r), current) for r in wave}
-    started = _parse_iso(state.wave_started) or now
+    started = _time(state.wave_started, now)
     bad = [r for r, h in health.items() if h == "withdrawn"]
     slow = [r for r, h in health.items() if h != "healthy" and now - started >= policy.unready_limit_seconds]
     if bad or slow:
@@ -324,7 +336,7 @@ def step(ep: Endpoint, policy: RolloutPolicy, state: RolloutState | None, spec: 
         return Step()
     if state.healthy_since is None:
         return Step(_with(state, now, healthy_since=_iso(now)), "healthy")
-    baked = now - (_parse_iso(state.healthy_since) or now) >= policy.bake_for(state.wave)
+    baked = now - _time(state.healthy_since, now) >= policy.bake_for(state.wave)
     if not baked and state.approved != state.wave:
         return Step()
     return Step(advance(state, waves, now), "advanced")

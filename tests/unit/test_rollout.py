@@ -1,0 +1,287 @@
+"""Rollout decisions (gco_infra/rollout.py): which revision each region may run, and the gate."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from hypothesis import given, settings, strategies as st
+
+from gco_infra import rollout
+from gco_infra.endpoint import (Validated, config_rollout_policy, endpoint_to_item, parse_endpoint, spec_revision,
+                                validate_all)
+from gco_infra.manifests import REVISION_ANNOTATION, ClusterSettings, declaration
+
+POLICY = {"waves": [["r1"], ["r2", "r3"]], "bake_seconds": 60, "unready_limit_seconds": 300}
+
+
+def item(image="img:1", policy=POLICY, statuses=None, state=None, **extra):
+    it = {"endpoint_name": "ep", "desired_state": "running", "target_regions": ["r1", "r2", "r3"],
+          "spec": {"image": image, "gpu_count": 0}, **extra}
+    if policy is not None:
+        it["rollout_policy"] = policy
+    if statuses is not None:
+        it["region_status"] = statuses
+    if state is not None:
+        it["rollout"] = rollout.state_to_item(state)
+    return it
+
+
+def ep_of(it):
+    result = parse_endpoint(it)
+    assert result.ok, result.errors
+    return result.endpoint
+
+
+def healthy(rev, **kw):
+    return {"state": "running", "replicas_ready": 1, "replicas_desired": 1, "revision": rev, **kw}
+
+
+def run(statuses_by_region, it, state, now):
+    ep = ep_of({**it, "region_status": statuses_by_region})
+    return rollout.step(ep, ep.rollout_policy, state, endpoint_to_item(ep)["spec"], now)
+
+
+# ---- the policy and the revision ---------------------------------------------------------------------------------
+
+
+def test_policy_errors_name_the_endpoint_and_field():
+    bad = parse_endpoint(item(policy={"waves": [["r1"], ["r1", "Bad Region"]], "bake_seconds": [1], "speed": 3}))
+    assert bad.endpoint is None
+    text = "\n".join(bad.errors)
+    assert 'endpoint "ep": rollout_policy.waves[1][0] names r1 a second time' in text
+    assert "rollout_policy.waves[1][1] must be a region name" in text
+    assert "rollout_policy.bake_seconds must be one number or one per wave (2), got 1" in text
+    assert "rollout_policy.speed is not a rollout policy field" in text
+    assert parse_endpoint(item(policy={"waves": []})).errors == (
+        'endpoint "ep": rollout_policy.waves must list at least one wave of regions',)
+
+
+def test_stack_default_policy_from_config_text():
+    policy, problems = config_rollout_policy('{"waves": [["r1"]], "bake_seconds": "30"}')
+    assert problems == [] and policy.waves == (("r1",),) and policy.bake_seconds == (30,)
+    assert config_rollout_policy({"waves": "r1"})[1] == ["gco:rolloutPolicy.waves must be a list, got str"]
+
+
+def test_revision_is_of_the_validated_spec():
+    a = ep_of(item())
+    b = ep_of({**item(), "spec": {"image": "img:1", "gpu_count": "0", "replicas": 1}})
+    assert spec_revision(a) == spec_revision(b)
+    assert spec_revision(a) != spec_revision(ep_of(item(image="img:2")))
+    assert spec_revision(a) == spec_revision(replace(a, rollout_policy=None, desired_state="stopped"))
+
+
+def test_records_without_a_policy_declare_exactly_as_before():
+    it = item(policy=None)
+    validated = validate_all([it])
+    view = rollout.region_view(validated, "r2", {"ep": it}, lambda: {"ep": endpoint_to_item(ep_of(item(image="old:1", policy=None)))}, None)
+    assert view is validated
+    objects, _ = declaration(view.endpoints["ep"], "r2", ClusterSettings())
+    assert REVISION_ANNOTATION not in objects["deployment"]["metadata"]["annotations"]
+
+
+# ---- which revision a region declares ------------------------------------------------------------------------------
+
+
+def declared(it, region, kept_image=None, default=None):
+    validated = validate_all([it])
+    kept = {} if kept_image is None else {"ep": endpoint_to_item(ep_of(item(image=kept_image)))}
+    return rollout.region_view(validated, region, {"ep": it}, lambda: kept, default).endpoints.get("ep")
+
+
+def test_an_unrecorded_change_reaches_the_first_wave_only():
+    it = item(image="img:2")
+    new = spec_revision(ep_of(it))
+    first = declared(it, "r1", kept_image="img:1")
+    assert (first.spec.image, first.revision) == ("img:2", new)
+    later = declared(it, "r2", kept_image="img:1")
+    assert later.spec.image == "img:1" and later.revision == spec_revision(ep_of(item(image="img:1")))
+    objects, _ = declaration(later, "r2", ClusterSettings())
+    assert objects["deployment"]["metadata"]["annotations"][REVISION_ANNOTATION] == later.revision
+
+
+def test_a_region_where_nothing_runs_takes_the_current_revision():
+    assert declared(item(image="img:2"), "r3").spec.image == "img:2"
+
+
+def test_recorded_rollout_decides_and_kept_specs_come_from_the_table():
+    old, new = ep_of(item(image="img:1")), ep_of(item(image="img:2"))
+    r_old, r_new = spec_revision(old), spec_revision(new)
+    state = rollout.RolloutState(revision=r_new, regions={"r1": r_new, "r2": r_old}, base={"r1": r_old, "r2": r_old},
+                                 specs={r_old: endpoint_to_item(old)["spec"], r_new: endpoint_to_item(new)["spec"]})
+    it = item(image="img:2", state=state)
+    # r2's stack applied something else by hand: the table's spec for its allowed revision wins
+    assert declared(it, "r2", kept_image="img:9").spec.image == "img:1"
+    assert declared(it, "r1", kept_image="img:1").spec.image == "img:2"
+    failed = rollout.rollback(state, 0, "failed", "bad")
+    assert failed.regions["r1"] == r_old and r_new in failed.failed
+    it = item(image="img:2", state=failed)
+    assert declared(it, "r1", kept_image="img:2").spec.image == "img:1"
+    assert declared(it, "r3") is None  # failed: not even a region where nothing runs takes it
+
+
+def test_urgent_goes_everywhere_and_stop_is_never_held_back():
+    it = item(image="img:2", policy={**POLICY, "urgent": True})
+    assert declared(it, "r3", kept_image="img:1").spec.image == "img:2"
+    stopped = declared({**item(image="img:1"), "desired_state": "stopped"}, "r3", kept_image="img:1")
+    assert stopped.desired_state == "stopped"
+
+
+def test_stack_default_policy_applies_to_records_without_one():
+    policy, _ = config_rollout_policy(POLICY)
+    it = item(image="img:2", policy=None)
+    assert declared(it, "r2", kept_image="img:1", default=policy).spec.image == "img:1"
+    assert declared(it, "r2", kept_image="img:1").spec.image == "img:2"
+
+
+def test_unreadable_rollout_state_keeps_what_runs():
+    it = {**item(image="img:2"), "rollout": {"revision": 5}}
+    assert declared(it, "r1", kept_image="img:1").spec.image == "img:1"
+    assert rollout.read_state(it)[1] == "rollout.revision must be a revision string"
+
+
+# ---- the gate ------------------------------------------------------------------------------------------------------
+
+
+def test_first_deploy_and_a_spec_every_region_runs_complete_at_once():
+    s = run({}, item(), None, 100.0)
+    assert s.event == "completed" and s.state.phase == "complete"
+    assert set(s.state.regions) == {"r1", "r2", "r3"}
+
+
+def test_good_rollout_goes_wave_by_wave_after_its_bake_time():
+    old, it = ep_of(item(image="img:1")), item(image="img:2")
+    r_old, r_new = spec_revision(old), spec_revision(ep_of(it))
+    done = rollout.RolloutState(revision=r_old, phase="complete", regions={r: r_old for r in ("r1", "r2", "r3")},
+                                specs={r_old: endpoint_to_item(old)["spec"]}, seq=4)
+    statuses = {r: healthy(r_old) for r in ("r1", "r2", "r3")}
+    s = run(statuses, it, done, 1000.0)
+    assert s.event == "started" and s.state.seq == 5 and s.state.regions == {"r1": r_new, "r2": r_old, "r3": r_old}
+    assert s.state.base == done.regions and set(s.state.specs) == {r_old, r_new}
+    state = s.state
+    assert run(statuses, it, state, 1010.0).state is None  # r1 still runs the old revision
+    statuses["r1"] = healthy(r_new)
+    state = run(statuses, it, state, 1020.0).state
+    assert state.healthy_since is not None and state.wave == 0
+    assert run(statuses, it, state, 1079.0).state is None  # baking
+    state = run(statuses, it, state, 1080.0).state
+    assert state.wave == 1 and state.regions == {"r1": r_new, "r2": r_new, "r3": r_new}
+    statuses["r2"] = healthy(r_new)
+    assert run(statuses, it, state, 1090.0).state is None  # r3 not yet
+    statuses["r3"] = healthy(r_new)
+    state = run(statuses, it, state, 1100.0).state
+    state = run(statuses, it, state, 1160.0).state
+    assert state.phase == "complete" and state.message == "every wave passed"
+
+
+def test_a_wave_that_goes_unhealthy_restarts_its_bake_time():
+    it = item(image="img:2")
+    r_new = spec_revision(ep_of(it))
+    state = rollout.RolloutState(revision=r_new, regions={"r1": r_new}, wave_started="1970-01-01T00:16:40Z",
+                                 healthy_since="1970-01-01T00:16:40Z", seq=1)
+    s = run({"r1": healthy(r_new, replicas_ready=0, state="updating")}, it, state, 1010.0)
+    assert s.event == "unhealthy" and s.state.healthy_since is None
+
+
+def test_withdrawn_ingress_fails_the_wave_and_rolls_back():
+    old, it = ep_of(item(image="img:1")), item(image="img:2")
+    r_old, r_new = spec_revision(old), spec_revision(ep_of(it))
+    state = rollout.RolloutState(revision=r_new, regions={"r1": r_new, "r2": r_old, "r3": r_old},
+                                 base={"r1": r_old, "r2": r_old, "r3": r_old},
+                                 specs={r_old: endpoint_to_item(old)["spec"]}, wave_started="1970-01-01T00:16:40Z", seq=2)
+    s = run({"r1": healthy(r_new, ingress="withdrawn", replicas_ready=0)}, it, state, 1001.0)
+    assert s.event == "failed" and s.state.phase == "failed" and s.state.failed == (r_new,)
+    assert s.state.regions == {"r1": r_old, "r2": r_old, "r3": r_old}
+    assert "r1: Ingress withdrawn" in s.state.message
+    assert run({}, it, s.state, 2000.0).state is None  # not tried again until the spec changes
+
+
+def test_a_region_unhealthy_past_the_limit_fails_and_one_without_a_known_base_is_named():
+    it = item(image="img:2")
+    r_new = spec_revision(ep_of(it))
+    state = rollout.RolloutState(revision=r_new, regions={"r1": r_new}, base={"r1": "unknown1"},
+                                 wave_started="1970-01-01T00:00:00Z", seq=2)
+    assert run({"r1": healthy("other")}, it, state, 299.0).state is None
+    s = run({"r1": healthy("other")}, it, state, 300.0)
+    assert s.event == "failed" and "r1: not healthy on revision" in s.state.message
+    assert "r1 keep it: the revision they ran before is not known" in s.state.message
+
+
+def test_steering():
+    it = item(image="img:2")
+    r_new = spec_revision(ep_of(it))
+    state = rollout.RolloutState(revision=r_new, regions={"r1": r_new}, wave_started="1970-01-01T00:16:40Z",
+                                 healthy_since="1970-01-01T00:16:40Z", seq=1)
+    paused = rollout.pause(state, 1000, "ana")
+    assert paused.phase == "paused" and paused.seq == 2
+    assert run({"r1": healthy(r_new)}, it, paused, 5000.0).state is None  # a paused rollout stays
+    resumed = rollout.resume(paused, 1100, "ana")
+    assert resumed.wave_started == "1970-01-01T00:18:20Z"
+    approved = rollout.approve(resumed, 1100, "ana")
+    s1 = run({"r1": healthy(r_new)}, it, approved, 1101.0)  # healthy: the timer starts
+    s2 = run({"r1": healthy(r_new)}, it, s1.state, 1102.0)  # approved: no bake time
+    assert s2.event == "advanced" and s2.state.wave == 1
+    try:
+        rollout.resume(state, 0, "ana")
+        raise AssertionError("resume of a progressing rollout must be refused")
+    except rollout.SteerError as exc:
+        assert "not paused" in str(exc)
+
+
+def test_a_record_edited_during_a_rollout_starts_over_from_what_regions_may_run():
+    old, mid, it = ep_of(item(image="img:1")), ep_of(item(image="img:2")), item(image="img:3")
+    r_old, r_mid, r_new = spec_revision(old), spec_revision(mid), spec_revision(ep_of(it))
+    state = rollout.RolloutState(revision=r_mid, regions={"r1": r_mid, "r2": r_old, "r3": r_old},
+                                 specs={r_old: endpoint_to_item(old)["spec"], r_mid: endpoint_to_item(mid)["spec"]}, seq=3)
+    s = run({}, it, state, 10.0)
+    assert s.event == "started" and s.state.wave == 0
+    assert s.state.regions == {"r1": r_new, "r2": r_old, "r3": r_old}
+    assert s.state.base == {"r1": r_mid, "r2": r_old, "r3": r_old}
+    assert set(s.state.specs) == {r_old, r_mid, r_new}
+
+
+def test_state_round_trips_through_the_table_shape():
+    state = rollout.RolloutState(revision="abc", phase="paused", wave=1, regions={"r1": "abc"}, base={"r1": "x"},
+                                 specs={"x": {"image": "i"}}, failed=("z",), approved=1, seq=9, message="m",
+                                 wave_started="2026-01-01T00:00:00Z")
+    back, problem = rollout.read_state({"rollout": rollout.state_to_item(state)})
+    assert problem is None and back == state
+
+
+# ---- property: the waves' order holds whatever the regions report ---------------------------------------------------
+
+
+REGIONS = ("r1", "r2", "r3")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(REGIONS), st.sampled_from(("healthy", "old", "sick", "withdrawn")),
+                          st.integers(min_value=1, max_value=400)), min_size=1, max_size=40))
+def test_no_region_gets_the_revision_before_every_earlier_wave_baked(events):
+    old, it = ep_of(item(image="img:1")), item(image="img:2")
+    r_old, r_new = spec_revision(old), spec_revision(ep_of(it))
+    statuses = {r: healthy(r_old) for r in REGIONS}
+    state = rollout.RolloutState(revision=r_old, phase="complete", regions={r: r_old for r in REGIONS},
+                                 specs={r_old: endpoint_to_item(old)["spec"]})
+    now = 1000.0
+    healthy_since: dict[int, float] = {}
+    for region, kind, dt in events:
+        now += dt
+        statuses[region] = {"healthy": healthy(r_new), "old": healthy(r_old),
+                            "sick": healthy(r_new, replicas_ready=0, state="updating"),
+                            "withdrawn": healthy(r_new, replicas_ready=0, ingress="withdrawn")}[kind]
+        s = run(statuses, it, state, now)
+        if s.state is None:
+            continue
+        before = state
+        state = s.state
+        if s.event == "advanced":
+            # the wave that passed was healthy, since its timer started, for its bake time
+            assert before.healthy_since is not None
+            assert now - rollout._parse_iso(before.healthy_since) >= 60 - 1
+        waves = rollout.waves_for(ep_of(it).rollout_policy, REGIONS)
+        allowed_waves = {i for i, w in enumerate(waves) for r in w if state.regions.get(r) == r_new}
+        if state.phase in ("failed", "aborted"):
+            assert not allowed_waves, "a failed rollout leaves no region on its revision (the base is known)"
+            break
+        assert all(i <= state.wave for i in allowed_waves)
+    del healthy_since
