@@ -21,7 +21,7 @@ import json
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, Callable, Iterable, Mapping
@@ -30,7 +30,7 @@ import urllib3
 from kubernetes import client
 
 from . import rollout
-from .endpoint import RolloutPolicy, endpoint_to_item, validate_all
+from .endpoint import RolloutPolicy, endpoint_to_item, region_statuses, validate_all
 from .kubecache import DEPLOYMENTS, INGRESSES, ObjectCache
 from .manifests import REVISION_ANNOTATION
 from .store import EndpointStore, StoreError, TableCache
@@ -239,6 +239,8 @@ class HealthReport:
     readmitted: list[str] = field(default_factory=list)
     promoted: list[str] = field(default_factory=list)
     purged: list[str] = field(default_factory=list)
+    statuses: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Endpoint -> the region status this tick wrote (the rollout gate judges with it at once)."""
     rollouts: dict[str, str] = field(default_factory=dict)
     """Endpoint -> what its rollout did this tick (started, healthy, advanced, completed, failed, ...)."""
     invalid: list[str] = field(default_factory=list)
@@ -428,6 +430,7 @@ class HealthJob:
                                                                         expected=stored):
                 return
             report.writes += 1
+            report.statuses[record.name] = decision.status
         for ns, name in decision.delete:
             self._delete_ingress(ns, name)
         if decision.event == "withdrawn":
@@ -483,6 +486,9 @@ class HealthJob:
                 report.problems[ep.name] = (f'endpoint "{ep.name}": {problem}; its regions keep what they run '
                                             f"(`gco-infra rollout abort {ep.name}` starts over)")
                 continue
+            if ep.name in report.statuses:  # what this tick just wrote for this region, not what it read
+                ep = replace(ep, region_status={**ep.region_status,
+                                                **region_statuses({self.region: report.statuses[ep.name]})})
             try:
                 step = rollout.step(ep, policy, state, endpoint_to_item(ep)["spec"], now)
                 if step.state is None:

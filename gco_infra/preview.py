@@ -3,7 +3,8 @@
 The program reads live data, so a preview mixes two causes. Each change is labelled: ``table``
 when the endpoint's record differs from the record the stack last applied (new, edited, removed,
 or its watchdog ingress flag moved), ``code`` when the record is the same, so the repository
-change is what alters the declaration.
+change is what alters the declaration. A spec change under a rollout policy is shown with the waves
+it goes through, so a region whose wave has not come is not mistaken for one the change missed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
 
 from . import manifests as m
-from .endpoint import Validated, endpoint_to_item, validate_all
+from . import rollout
+from .endpoint import Endpoint, Validated, endpoint_to_item, parse_endpoint, record_name, spec_revision, validate_all
 from . import state
 from .program import StackSettings, owned, previous_records_from_outputs
 from .plan import PROJECT, endpoint_of_object
@@ -39,6 +41,33 @@ class Change:
 
 
 @dataclass
+class RolloutPlan:
+    """How one endpoint's new spec revision reaches this stack's region under its rollout policy."""
+
+    revision: str
+    """The record's spec revision (what the table asks for)."""
+    previous: str | None
+    """The revision this stack last applied; None when it runs nothing of the endpoint yet (or its
+    last applied spec no longer validates)."""
+    waves: list[list[str]]
+    """The policy's waves over the endpoint's target regions, in order (rollout.waves_for)."""
+    bake_seconds: list[int]
+    """Per wave: how long it stays healthy before the next wave may take the revision."""
+    wave: int
+    """This stack's region's wave, from 1."""
+    now: bool
+    """Whether this preview declares the new revision here. When False, the endpoint's resource
+    changes in this stack's preview carry no spec change."""
+    reason: str
+    """Why now or why later, in plain words."""
+    declared: str | None = None
+    """The revision this preview declares here (None: nothing is declared)."""
+    urgent: bool = False
+    phase: str | None = None
+    """The phase of the health job's recorded rollout of this revision; None before it records one."""
+
+
+@dataclass
 class StackPreview:
     stack: str
     region: str
@@ -48,6 +77,8 @@ class StackPreview:
     invalid: dict[str, list[str]] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    rollouts: dict[str, RolloutPlan] = field(default_factory=dict)
+    """Endpoint -> how its new spec revision reaches this region (endpoints under a rollout policy)."""
 
     def count(self, op: str) -> int:
         return sum(1 for c in self.changes if c.op == op)
@@ -78,6 +109,64 @@ def record_changes(settings: StackSettings, validated: Validated, outputs: Mappi
         if name not in validated.endpoints and name not in validated.invalid:
             out[name] = "record removed from the table"
     return out
+
+
+def _applied_revision(ep: Endpoint, record: Mapping[str, Any]) -> str | None:
+    """The revision of the spec in a last applied record (None if it no longer validates)."""
+    parsed = parse_endpoint({**endpoint_to_item(ep), "spec": record.get("spec")}, allowed_namespaces=(ep.namespace,))
+    return spec_revision(parsed.endpoint) if parsed.endpoint is not None else None
+
+
+def rollout_plan(settings: StackSettings, validated: Validated, items: list[Mapping[str, Any]],
+                 outputs: Mapping[str, Any] | None) -> dict[str, RolloutPlan]:
+    """For each endpoint under a rollout policy whose spec revision differs from the one this stack
+    last applied: its waves, and whether this region takes the revision now (pure).
+
+    "Now" is decided as the program decides it (rollout.declared_revision), so the plan and the
+    engine's preview agree; the reason is worded from the same inputs.
+    """
+    applied = previous_records_from_outputs(outputs or {})
+    raw = {record_name(i): i for i in items if isinstance(i, Mapping)}
+    region = settings.region
+    plans: dict[str, RolloutPlan] = {}
+    for name, ep in sorted(validated.endpoints.items()):
+        policy = rollout.policy_for(ep, settings.rollout_policy)
+        if policy is None or ep.desired_state == "deleted" or not ep.targets(region):
+            continue  # no waves: applied as without a policy
+        current = spec_revision(ep)
+        previous = applied.get(name)
+        before = _applied_revision(ep, previous) if previous is not None else None
+        if previous is not None and before == current:
+            continue
+        recorded, problem = rollout.read_state(raw.get(name) or {})
+        view = rollout.declared_revision(ep, policy, recorded, region, previous, broken=problem is not None)
+        declared = view.revision if view is not None else None
+        waves = rollout.waves_for(policy, ep.target_regions)
+        bakes = rollout.bakes_for(policy, ep.target_regions)
+        wave = next(i for i, w in enumerate(waves) if region in w)
+        ours = recorded if recorded is not None and recorded.revision == current else None
+        now = declared == current
+        if now:
+            reason = ("urgent policy: every region at once" if policy.urgent else
+                      "first deploy in this region" if previous is None else
+                      "early: its last applied spec no longer validates and the table holds no copy of it"
+                      if before is None and wave != 0 else
+                      "wave 1" if wave == 0 else f"wave {wave + 1}: the rollout reached it")
+        elif problem is not None:
+            reason = "the table's rollout state cannot be read: keeps the revision it runs"
+        elif ours is not None and ours.phase in rollout.STOPPED_PHASES:
+            reason = f"the rollout {ours.phase}: " + ("keeps the revision it runs" if declared else "nothing declared")
+        elif wave == 0:
+            reason = "keeps the revision it runs"
+        elif ours is not None and ours.phase == "paused":
+            reason = f"wave {wave + 1}, after the paused rollout resumes and wave {wave} is healthy for {bakes[wave - 1]} s"
+        else:
+            reason = f"wave {wave + 1}, after wave {wave} is healthy for {bakes[wave - 1]} s"
+        plans[name] = RolloutPlan(
+            revision=current, previous=before, waves=[list(w) for w in waves],
+            bake_seconds=list(bakes), wave=wave + 1, now=now, reason=reason,
+            declared=declared, urgent=policy.urgent, phase=ours.phase if ours is not None else None)
+    return plans
 
 
 def _fields(meta: Any) -> list[str]:
@@ -115,6 +204,7 @@ def preview_stack(settings: StackSettings, items: list[dict[str, Any]], env: Map
         return result
     validated = owned(validate_all(items, allowed_namespaces=settings.allowed_namespaces), settings)
     result.record_changes = record_changes(settings, validated, outputs)
+    result.rollouts = rollout_plan(settings, validated, items, outputs)
     result.invalid = {k: list(v) for k, v in validated.invalid.items()}
     for event in events:
         pre = getattr(event, "resource_pre_event", None)
@@ -182,6 +272,49 @@ def _summary_line(p: StackPreview) -> str:
     return counts
 
 
+def _waves_cell(plan: RolloutPlan) -> str:
+    """``1: `a` (bake 300 s) → 2: `b```: the last wave has no bake (nothing waits for it)."""
+    parts = []
+    for i, wave in enumerate(plan.waves):
+        bake = f" (bake {plan.bake_seconds[i]} s)" if i < len(plan.waves) - 1 and i < len(plan.bake_seconds) else ""
+        parts.append(f"{i + 1}: " + ", ".join(_code(r) for r in wave) + bake)
+    return (" → ".join(parts)) + (" (urgent: waves skipped)" if plan.urgent else "")
+
+
+def _rollout_lines(previews: list[StackPreview], limit: int) -> list[str]:
+    """One table across stacks, a row per endpoint and revision (its waves), each previewed region's
+    part in the last cell. Rows that do not fit ``limit`` characters are counted, not cut."""
+    rows: dict[tuple[Any, ...], list[tuple[str, RolloutPlan]]] = {}
+    for p in previews:
+        for name, plan in p.rollouts.items():
+            key = (name, plan.revision, tuple(map(tuple, plan.waves)), tuple(plan.bake_seconds), plan.urgent)
+            rows.setdefault(key, []).append((p.region, plan))
+    if not rows:
+        return []
+    lines = ["**Rollouts.** These endpoints' spec changes go region by region under their rollout policy: a wave "
+             "takes the new revision once the wave before it has been healthy for its bake time. A region whose "
+             "wave has not come keeps the revision it runs, so its section lists no spec change for the endpoint.",
+             "", "| endpoint | revision | waves | in this preview |", "|---|---|---|---|"]
+    budget = limit - sum(len(line) + 1 for line in lines) - 200
+    left: list[tuple[str, RolloutPlan]] = []
+    # Changes to running endpoints first: a first deploy skips the waves anyway.
+    for key in sorted(rows, key=lambda k: (all(plan.previous is None for _, plan in rows[k]), k[0], k[1])):
+        where = "; ".join(f"{_code(region)}: {'now' if plan.now else 'later'}, {md_text(plan.reason)}"
+                          for region, plan in rows[key])
+        plan = rows[key][0][1]
+        line = f"| {_code(key[0])} | {_code(plan.revision)} | {_waves_cell(plan)} | {where} |"
+        if len(line) + 1 > budget:
+            left += rows[key]
+            continue
+        lines.append(line)
+        budget -= len(line) + 1
+    if left:
+        now = sum(1 for _, plan in left if plan.now)
+        lines += ["", f"... and {len(left)} more endpoint rollouts (endpoint and region) not listed to fit one "
+                      f"comment: {now} now, {len(left) - now} later."]
+    return lines + [""]
+
+
 def render_markdown(previews: list[StackPreview], limit: int = COMMENT_LIMIT - 1_000) -> str:
     """One comment for all regions; summarised (never cut mid-table) to stay under ``limit``."""
     head = ["## gco-infra stack preview", ""]
@@ -205,7 +338,8 @@ def render_markdown(previews: list[StackPreview], limit: int = COMMENT_LIMIT - 1
         "",
     ]
     if not any(p.changes or p.error or p.invalid for p in previews):
-        head.append("No changes in any region.")
+        head += ["No changes in any region.", ""] if any(p.rollouts for p in previews) else ["No changes in any region."]
+    head += _rollout_lines(previews, limit // 4)
     sections: list[list[str]] = []
     for p in previews:
         sec = [f"### {md_text(p.region)} (stack {_code(p.stack)}): {_summary_line(p)}", ""]
@@ -250,7 +384,14 @@ def render_markdown(previews: list[StackPreview], limit: int = COMMENT_LIMIT - 1
 
 
 def render_json(previews: list[StackPreview]) -> str:
-    return json.dumps([asdict(p) for p in previews], indent=2, sort_keys=True)
+    """Each preview as a map; ``rollouts`` only where there are some, so previews without rollout
+    policies read exactly as before."""
+    data = [asdict(p) for p in previews]
+    for d in data:
+        if not d["rollouts"]:
+            del d["rollouts"]
+    return json.dumps(data, indent=2, sort_keys=True)
 
 
-__all__ = ["Change", "StackPreview", "preview_stack", "record_changes", "render_markdown", "render_json", "Callable"]
+__all__ = ["Change", "RolloutPlan", "StackPreview", "preview_stack", "record_changes", "rollout_plan",
+           "render_markdown", "render_json", "Callable"]

@@ -137,6 +137,17 @@ def waves_for(policy: RolloutPolicy, targets: Iterable[str]) -> list[tuple[str, 
     return waves + [rest] if rest else waves
 
 
+def bakes_for(policy: RolloutPolicy, targets: Iterable[str]) -> list[int]:
+    """The bake time of each of ``waves_for``'s waves: a wave keeps its own bake time when waves with
+    none of the targets are left out; the last wave's is the policy's last."""
+    targets = list(targets)
+    bakes = [policy.bake_for(i) for i, wave in enumerate(policy.waves) if any(r in targets for r in wave)]
+    placed = {r for w in policy.waves for r in w}
+    if any(r not in placed for r in targets):
+        bakes.append(policy.bake_for(len(policy.waves) - 1))
+    return bakes
+
+
 def allowed_revision(ep: Endpoint, policy: RolloutPolicy, state: RolloutState | None, region: str,
                      runs_here: bool) -> str | None:
     """The revision ``region`` may run; None: it keeps the one it runs (the stack's last applied record).
@@ -214,6 +225,10 @@ def declared_revision(ep: Endpoint, policy: RolloutPolicy, state: RolloutState |
             return replace(ep, spec=spec_ep.spec, revision=allowed)
     if kept is not None:
         return replace(ep, spec=kept.spec, revision=spec_revision(kept))
+    if previous is not None:
+        # What runs here was applied under rules that no longer accept its spec, and the table holds no
+        # copy that does: the current (valid) revision goes here early rather than nothing (a removal).
+        return replace(ep, revision=current)
     if previous is None and not (state is not None and state.revision == current and state.phase in STOPPED_PHASES):
         return replace(ep, revision=current)
     return None
@@ -336,7 +351,7 @@ def step(ep: Endpoint, policy: RolloutPolicy, state: RolloutState | None, spec: 
         return Step()
     if state.healthy_since is None:
         return Step(_with(state, now, healthy_since=_iso(now)), "healthy")
-    baked = now - _time(state.healthy_since, now) >= policy.bake_for(state.wave)
+    baked = now - _time(state.healthy_since, now) >= bakes_for(policy, ep.target_regions)[state.wave]
     if not baked and state.approved != state.wave:
         return Step()
     return Step(advance(state, waves, now), "advanced")

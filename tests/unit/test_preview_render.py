@@ -48,3 +48,11 @@ def test_json_round_trips():
 
     data = json.loads(render_json([big("r", 2)]))
     assert data[0]["changes"][0]["op"] == "replace"
+
+
+def test_previews_without_rollouts_read_as_before():
+    import json
+
+    previews = [big("r", 2)]
+    assert "rollouts" not in json.loads(render_json(previews))[0]
+    assert "Rollouts" not in render_markdown(previews)

@@ -285,3 +285,17 @@ def test_no_region_gets_the_revision_before_every_earlier_wave_baked(events):
             break
         assert all(i <= state.wave for i in allowed_waves)
     del healthy_since
+
+
+def test_a_wave_keeps_its_own_bake_time_when_waves_without_targets_are_left_out():
+    policy, _ = config_rollout_policy({"waves": [["a"], ["b"], ["c"]], "bake_seconds": [60, 600, 0]})
+    assert rollout.waves_for(policy, ["b", "c", "z"]) == [("b",), ("c",), ("z",)]
+    assert rollout.bakes_for(policy, ["b", "c", "z"]) == [600, 0, 0]
+
+
+def test_a_kept_spec_that_no_longer_validates_is_never_a_removal():
+    it = item(image="img:2")
+    kept = endpoint_to_item(ep_of(item(image="img:1")))
+    kept["spec"]["replicas"] = -5  # as if the rules tightened since it was applied
+    view = rollout.region_view(validate_all([it]), "r2", {"ep": it}, lambda: {"ep": kept}, None)
+    assert view.endpoints["ep"].spec.image == "img:2"
