@@ -9,7 +9,8 @@ resource is named:
   (``DescribeStream``, ``GetShardIterator``, ``GetRecords``), and writes ``region_status`` with
   conditional ``UpdateItem``. The health job reads the table as the runner does (store.TableCache:
   ``DescribeTable``, ``Scan``, ``BatchGetItem`` and the stream), writes ``region_status``, promotes
-  ``desired_state`` (with ``updated_at``) and purges deleted records (``DeleteItem``). The preview
+  ``desired_state`` (with ``updated_at``), moves rollouts on (``rollout``, conditionally) and purges
+  deleted records (``DeleteItem``). The preview
   only scans (the CLI's read and each stack's program). ``GetItem`` is used by none of them
   (``endpoints set-state`` is an operator command).
 - The Pulumi state (S3 ``diy`` backend, project layout). An update takes a lock
@@ -165,7 +166,7 @@ def health_policy(n: AwsNames) -> dict[str, Any]:
         _statement("FollowTableStream", ["dynamodb:DescribeStream", "dynamodb:GetShardIterator", "dynamodb:GetRecords"],
                    n.stream_arns),
         _statement("WriteStatusAndPromote", ["dynamodb:UpdateItem"], n.table_arns,
-                   _only_attributes("endpoint_name", "region_status", "desired_state", "updated_at")),
+                   _only_attributes("endpoint_name", "region_status", "desired_state", "updated_at", "rollout")),
         _statement("PurgeDeletedEndpoints", ["dynamodb:DeleteItem"], n.table_arns),
     )
 

@@ -80,7 +80,7 @@ def test_health_policy_exactly():
               list(STREAMS)),
         allow("WriteStatusAndPromote", ["dynamodb:UpdateItem"], TABLES,
               {"ForAllValues:StringEquals": {"dynamodb:Attributes": ["endpoint_name", "region_status", "desired_state",
-                                                                      "updated_at"]}}),
+                                                                      "updated_at", "rollout"]}}),
         allow("PurgeDeletedEndpoints", ["dynamodb:DeleteItem"], TABLES),
     ]}
 

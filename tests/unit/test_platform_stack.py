@@ -186,7 +186,7 @@ def test_health_role_policy_every_statement(stack):
         "FollowTableStream": (["dynamodb:DescribeStream", "dynamodb:GetRecords", "dynamodb:GetShardIterator"],
                               [stream(r) for r in REGIONS], None),
         "WriteStatusAndPromote": (["dynamodb:UpdateItem"], TABLES, {"ForAllValues:StringEquals": {
-            "dynamodb:Attributes": ["endpoint_name", "region_status", "desired_state", "updated_at"]}}),
+            "dynamodb:Attributes": ["endpoint_name", "region_status", "desired_state", "updated_at", "rollout"]}}),
         "PurgeDeletedEndpoints": (["dynamodb:DeleteItem"], TABLES, None),
     }
 
