@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import signal
@@ -9,17 +10,19 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import click
 import structlog
 import yaml
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
-from . import localenv
-from .endpoint import DESIRED_STATES, endpoint_to_item, parse_endpoint
-from .program import PROJECT_ROOT, ProgramError, in_cluster, settings_from_stack_file
+from . import localenv, rollout
+from .endpoint import (DEFAULT_NAMESPACE, DESIRED_STATES, Endpoint, RolloutPolicy, endpoint_to_item, parse_endpoint,
+                       spec_revision)
+from .program import PROJECT_ROOT, ProgramError, StackSettings, in_cluster, settings_from_stack_file
 from .store import EndpointStore, StoreConfig, StoreError
 
 console = Console(stderr=True)
@@ -150,6 +153,23 @@ def _local_store() -> EndpointStore:
     return EndpointStore(StoreConfig.from_env())
 
 
+def _stack_settings(stack: str) -> StackSettings:
+    try:
+        return settings_from_stack_file(stack)
+    except ProgramError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _stack_store(settings: StackSettings) -> EndpointStore:
+    """The stack's table; for a local stack (a kubeconfig, no EKS cluster, not in a pod) the local
+    environment's once it was started here, as `run` and `health` use it."""
+    if settings.kubeconfig and not settings.cluster_name and not in_cluster():
+        env = localenv.LocalEnv.load()
+        if env.moto_port:
+            return env.store()
+    return EndpointStore(settings.store)
+
+
 class TableUnreadable(click.ClickException):
     """The table could not be read completely: exit 3, as `run --once` does (nothing was changed)."""
 
@@ -223,10 +243,25 @@ def endpoints_set_state(name: str, state: str) -> None:
 
 @endpoints.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw items as JSON.")
-def endpoints_list(as_json: bool) -> None:
-    """Show endpoints and their per-region status."""
+@click.option("--stack", default=None,
+              help="Read this stack's table (stacks/Pulumi.<stack>.yaml) and show the rollouts of records without a "
+                   "rollout_policy under its gco:rolloutPolicy too. Default: the local environment's table, and "
+                   "rollouts only of records with a policy of their own.")
+def endpoints_list(as_json: bool, stack: str | None) -> None:
+    """Show endpoints and their per-region status.
+
+    A region's cell ends with the revision its Deployment runs (@ and its first 7 characters) where
+    the health job reports one; the rollout column appears when any record is rolled out under a
+    policy (`gco-infra rollout status NAME` for the details).
+    """
+    default = None
+    if stack is None:
+        store = _local_store()
+    else:
+        settings = _stack_settings(stack)
+        store, default = _stack_store(settings), settings.rollout_policy
     try:
-        items = _local_store().list_endpoints()
+        items = store.list_endpoints()
     except StoreError as exc:
         raise TableUnreadable(exc) from exc
     if as_json:
@@ -234,26 +269,334 @@ def endpoints_list(as_json: bool) -> None:
 
         out.print_json(json.dumps(plain(items)))
         return
-    out.print(status_table(items))
+    out.print(status_table(items, default))
 
 
-def status_table(items: list[dict[str, Any]]) -> Table:
-    regions = sorted({r for i in items for r in (i.get("target_regions") or [])} |
-                     {r for i in items for r in (i.get("region_status") or {})})
-    table = Table("endpoint", "desired", *regions, title="endpoints x regions")
-    for item in sorted(items, key=lambda i: str(i.get("endpoint_name"))):
-        rs = item.get("region_status") or {}
+PHASE_COLOURS = {"progressing": "cyan", "paused": "yellow", "complete": "green", "failed": "red", "aborted": "red"}
+
+
+def rollout_cell(item: dict[str, Any], default: RolloutPolicy | None = None) -> str:
+    """The rollout column of ``status_table``: empty for a record that is not rolled out under a policy."""
+    namespace = item.get("namespace")
+    # Only the spec's revision and the policy matter here: validate against the record's own namespace.
+    parsed = parse_endpoint(item, allowed_namespaces=(namespace if isinstance(namespace, str) else DEFAULT_NAMESPACE,))
+    if parsed.endpoint is None or not parsed.ok:
+        has_rollout = item.get("rollout_policy") is not None or item.get(rollout.ATTRIBUTE) is not None
+        return "[red]invalid record[/]" if has_rollout else ""
+    ep = parsed.endpoint
+    policy = rollout.policy_for(ep, default)
+    if policy is None:
+        return ""
+    state, problem = rollout.read_state(item)
+    if problem is not None:
+        return "[red]rollout unreadable[/]"
+    current = state is not None and state.revision == spec_revision(ep)  # else: "<revision> pending"
+    colour = PHASE_COLOURS.get(state.phase, "white") if current else "white"
+    return f"[{colour}]{rollout.describe(ep, policy, state)}[/]"
+
+
+def status_table(items: list[dict[str, Any]], default_policy: RolloutPolicy | None = None) -> Table:
+    """Endpoints x regions. ``default_policy``: the stack's gco:rolloutPolicy, for records without one.
+
+    Any attribute may hold anything (other writers): values are shown as text, never as markup, and a
+    value of the wrong shape is shown as missing.
+    """
+    def regions_of(item: Mapping[str, Any]) -> list[str]:
+        value = item.get("target_regions")
+        return [r for r in value if isinstance(r, str)] if isinstance(value, (list, tuple, set)) else []
+
+    def statuses_of(item: Mapping[str, Any]) -> Mapping[str, Any]:
+        value = item.get("region_status")
+        return value if isinstance(value, Mapping) else {}
+
+    regions = sorted({r for i in items for r in regions_of(i)} |
+                     {r for i in items for r in statuses_of(i) if isinstance(r, str)})
+    ordered = sorted(items, key=lambda i: str(i.get("endpoint_name")))
+    rollouts = [rollout_cell(item, default_policy) for item in ordered]
+    show_rollouts = any(rollouts)
+    table = Table("endpoint", "desired", *regions, *(["rollout"] if show_rollouts else []), title="endpoints x regions")
+    for item, rollout_text in zip(ordered, rollouts):
+        rs = statuses_of(item)
         cells = []
         for r in regions:
-            s = rs.get(r) or {}
-            state = s.get("state", "-" if r not in (item.get("target_regions") or []) else "pending")
+            s = rs.get(r) if isinstance(rs.get(r), Mapping) else {}
+            state = s.get("state", "-" if r not in regions_of(item) else "pending")
             extra = f" ({s.get('replicas_ready', 0)}/{s.get('replicas_desired', 0)})" if s.get("replicas_desired") is not None else ""
+            if isinstance(s.get("revision"), str) and s["revision"]:
+                extra += f" @{s['revision'][:7]}"
             if s.get("ingress") == "withdrawn":
                 extra += " ingress withdrawn"
             colour = {"running": "green", "error": "red", "stopped": "yellow"}.get(str(state), "white")
-            cells.append(f"[{colour}]{state}[/]{extra}")
-        table.add_row(str(item.get("endpoint_name")), str(item.get("desired_state")), *cells)
+            cells.append(Text.assemble((str(state), colour), extra))
+        table.add_row(Text(str(item.get("endpoint_name"))), Text(str(item.get("desired_state"))), *cells,
+                      *([Text.from_markup(rollout_text)] if show_rollouts else []))
     return table
+
+
+# ---- rollouts (gco_infra/rollout.py; the table's `rollout` attribute) -----------------------------------------
+
+STACK_HELP = ("Stack whose settings apply (stacks/Pulumi.<stack>.yaml): its table, its allowed namespaces and its "
+              "default rollout policy (gco:rolloutPolicy) for records without a rollout_policy.")
+
+
+@main.group("rollout")
+def rollout_group() -> None:
+    """Progressive rollouts: where an endpoint's spec change stands, region by region, and a person's say.
+
+    Under a rollout policy (the record's rollout_policy, else the stack's gco:rolloutPolicy) a
+    change of spec reaches the regions wave by wave: the health jobs let the next wave take it once
+    every region of the current one has been healthy for its bake time, and roll every region that
+    took it back when one stays unready or loses its Ingress.
+
+    Each command reads the record with a consistent read and writes the `rollout` attribute only if
+    nobody (a health job, another person) wrote it since; if someone did, nothing is written and the
+    command exits 1: look again with `status`. Exit 3 when the table cannot be read.
+    """
+
+
+def _who() -> str:
+    """Who steers, for the rollout's message; a process without a user name still gets to steer."""
+    try:
+        return getpass.getuser() or "someone"
+    except (OSError, KeyError, ImportError):
+        return "someone"
+
+
+def _read_record(store: EndpointStore, name: str) -> dict[str, Any]:
+    try:
+        item = store.get(name)
+    except StoreError as exc:
+        raise TableUnreadable(exc, "nothing was changed") from exc
+    if item is None:
+        raise click.ClickException(f'endpoint "{name}" does not exist (table {store.config.table})')
+    return item
+
+
+def _rolled_out(name: str, item: dict[str, Any], settings: StackSettings) -> tuple[Endpoint, RolloutPolicy, str]:
+    """The record, its policy and where the policy comes from; a record that is not rolled out is an error."""
+    parsed = parse_endpoint(item, allowed_namespaces=settings.allowed_namespaces)
+    if parsed.endpoint is None or not parsed.ok:
+        raise click.ClickException(f'endpoint "{name}" is invalid for stack {settings.stack} (its regions keep what '
+                                   "they run):\n  " + "\n  ".join(parsed.errors))
+    ep = parsed.endpoint
+    policy = rollout.policy_for(ep, settings.rollout_policy)
+    if policy is None:
+        raise click.ClickException(f'endpoint "{name}" has no rollout policy (no rollout_policy in the record, no '
+                                   f"gco:rolloutPolicy in stack {settings.stack}): its spec changes reach every "
+                                   "region at once, there is no rollout to show or steer")
+    source = "the record's rollout_policy" if ep.rollout_policy is not None else \
+        f"stack {settings.stack}'s gco:rolloutPolicy"
+    return ep, policy, source
+
+
+def _unreadable(name: str, problem: str) -> str:
+    return (f'endpoint "{name}": {problem}; its regions keep what they run. `gco-infra rollout abort {name} '
+            "--reset` removes the attribute and starts the current revision over")
+
+
+def rollout_report(ep: Endpoint, policy: RolloutPolicy, source: str, state: rollout.RolloutState | None,
+                   problem: str | None) -> dict[str, Any]:
+    """What `rollout status` shows, as plain values (its --json): waves numbered from 1."""
+    waves = rollout.waves_for(policy, ep.target_regions)
+    bakes = rollout.bakes_for(policy, ep.target_regions)  # what the gate waits, wave by wave
+    current = spec_revision(ep)
+    regions = []
+    for number, wave in enumerate(waves, 1):
+        for region in wave:
+            status = ep.status_in(region)
+            regions.append({"region": region, "wave": number,
+                            "allowed": state.regions.get(region) if state is not None else None,
+                            "running": status.revision, "state": status.state or "pending",
+                            "ready": status.replicas_ready, "desired": status.replicas_desired})
+    report: dict[str, Any] = {
+        "endpoint": ep.name, "spec_revision": current,
+        "summary": "" if problem else rollout.describe(ep, policy, state),
+        "policy": {"source": source, "unready_limit_seconds": policy.unready_limit_seconds, "urgent": policy.urgent,
+                   "waves": [{"wave": i, "regions": list(w), "bake_seconds": bakes[i - 1]}
+                             for i, w in enumerate(waves, 1)]},
+        "rollout": None, "problem": problem, "regions": regions,
+    }
+    if state is not None:
+        report["rollout"] = {
+            "revision": state.revision, "current": state.revision == current, "phase": state.phase,
+            "wave": state.wave + 1 if state.wave < len(waves) else None, "waves": len(waves),
+            "message": state.message, "failed": list(state.failed),
+            "approved_wave": state.approved + 1 if state.approved >= 0 else None,
+            "wave_started": state.wave_started, "healthy_since": state.healthy_since,
+            "updated_at": state.updated_at, "seq": state.seq,
+        }
+    return report
+
+
+def render_rollout(report: dict[str, Any]) -> Group:
+    """`rollout status` for a person; every value from the table is shown as text, never as markup."""
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold")
+    facts.add_column()
+    policy = report["policy"]
+    waves = "; ".join(f"wave {w['wave']}: {', '.join(w['regions'])} (bake {w['bake_seconds']}s)" for w in policy["waves"])
+    facts.add_row("endpoint", Text(f"{report['endpoint']}, spec revision {report['spec_revision']}"))
+    facts.add_row("policy", Text(f"{waves}; unready limit {policy['unready_limit_seconds']}s"
+                                 f"{'; urgent: every change to every region at once' if policy['urgent'] else ''}"
+                                 f" ({policy['source']})"))
+    state = report["rollout"]
+    if report["problem"]:
+        facts.add_row("rollout", Text(f"unreadable: {report['problem']}", style="red"))
+        facts.add_row("", Text(f"its regions keep what they run; `gco-infra rollout abort {report['endpoint']} "
+                               "--reset` removes it and the health job starts the current revision over"))
+    elif state is None:
+        facts.add_row("rollout", Text(f"none recorded yet: revision {report['spec_revision']} is pending (the "
+                                      "health job records its rollout on its next tick)"))
+    else:
+        revision = state["revision"]
+        if not state["current"]:
+            revision += (f" (the record's spec is now {report['spec_revision']}: the health job starts its rollout "
+                         "on its next tick)")
+        facts.add_row("revision", Text(revision))
+        moving = state["phase"] in ("progressing", "paused")
+        where = "" if state["wave"] is None or state["phase"] == "complete" else \
+            f"{',' if moving else ' in'} wave {state['wave']} of {state['waves']}"
+        facts.add_row("phase", Text(state["phase"] + where, style=PHASE_COLOURS.get(state["phase"], "")))
+        if moving and state["approved_wave"] is not None and state["approved_wave"] == state["wave"]:
+            facts.add_row("approved", Text(f"wave {state['approved_wave']}: it advances once healthy, without its "
+                                           "bake time"))
+        facts.add_row("message", Text(state["message"] or "-"))
+        facts.add_row("failed", Text(", ".join(state["failed"]) or "-"))
+        facts.add_row("updated", Text(f"{state['updated_at'] or '-'} (seq {state['seq']})"))
+    regions = Table("wave", "region", "allowed", "running", "state", "ready/desired", title="target regions")
+    for r in report["regions"]:
+        ready = f"{r['ready'] or 0}/{r['desired']}" if r["desired"] is not None else "-"
+        regions.add_row(str(r["wave"]), Text(r["region"]), Text(r["allowed"] or "-"), Text(r["running"] or "-"),
+                        Text(r["state"]), ready)
+    legend = Text("allowed: the revision the rollout lets the region run (- : none recorded; the region keeps what "
+                  "it runs, unless nothing runs there or it is in the first wave of a change not recorded yet); "
+                  "running: the revision its Deployment runs, as its health job last reported", style="dim")
+    return Group(facts, regions, legend)
+
+
+@rollout_group.command("status")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="The same as JSON (waves numbered from 1, as in the text).")
+@click.option("--stack", default="local", show_default=True, help=STACK_HELP)
+def rollout_status(name: str, as_json: bool, stack: str) -> None:
+    """Where NAME's rollout stands, region by region.
+
+    Shows the policy's waves with their bake time, the rollout's revision, phase, wave, message and
+    failed revisions, and per target region: its wave, the revision the rollout lets it run (allowed;
+    - : none recorded), the revision its Deployment runs (running, as its health job last reported),
+    its state and ready/desired replicas. Exit 1 when the rollout attribute cannot be read.
+    """
+    settings = _stack_settings(stack)
+    item = _read_record(_stack_store(settings), name)
+    ep, policy, source = _rolled_out(name, item, settings)
+    state, problem = rollout.read_state(item)
+    report = rollout_report(ep, policy, source, state, problem)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        out.print(render_rollout(report))
+    if problem:
+        sys.exit(1)
+
+
+def _steer(name: str, stack: str, move: Callable[[rollout.RolloutState, float, str], rollout.RolloutState]) -> None:
+    """Read, check, apply ``move`` and write back only if the rollout is still the one read."""
+    settings = _stack_settings(stack)
+    store = _stack_store(settings)
+    item = _read_record(store, name)
+    _rolled_out(name, item, settings)
+    state, problem = rollout.read_state(item)
+    if problem is not None:
+        raise click.ClickException(_unreadable(name, problem))
+    if state is None:
+        raise click.ClickException(f'endpoint "{name}": no rollout recorded yet (the health job records one on its '
+                                   "next tick after a spec change); nothing to steer")
+    try:
+        new = move(state, time.time(), _who())
+    except rollout.SteerError as exc:
+        raise click.ClickException(f'endpoint "{name}": {exc}') from exc
+    try:
+        written = store.write_rollout(name, rollout.state_to_item(new), expected_seq=state.seq)
+    except StoreError as exc:
+        raise click.ClickException(f'endpoint "{name}": {exc}; the rollout may or may not have changed: look again '
+                                   f"with `gco-infra rollout status {name}`") from exc
+    if not written:
+        raise click.ClickException(f'endpoint "{name}": the rollout changed meanwhile (it is no longer seq '
+                                   f"{state.seq}, as read: a health job or someone else wrote it, or the endpoint is "
+                                   f"gone); nothing was written. Look again with `gco-infra rollout status {name}`")
+    moved = [f"{r} {state.regions.get(r, '-')} -> {rev}" for r, rev in sorted(new.regions.items())
+             if state.regions.get(r) != rev]
+    console.print(f'endpoint "{name}": rollout of {new.revision}: {state.phase} -> {new.phase}: {new.message}'
+                  + (f" ({'; '.join(moved)})" if moved else ""), markup=False, highlight=False)
+
+
+@rollout_group.command("pause")
+@click.argument("name")
+@click.option("--stack", default="local", show_default=True, help=STACK_HELP)
+def rollout_pause(name: str, stack: str) -> None:
+    """Hold NAME's progressing rollout where it is until `resume`.
+
+    No further wave takes the revision, and the gate neither advances nor rolls back: every region
+    keeps the revision it may run now.
+    """
+    _steer(name, stack, rollout.pause)
+
+
+@rollout_group.command("resume")
+@click.argument("name")
+@click.option("--stack", default="local", show_default=True, help=STACK_HELP)
+def rollout_resume(name: str, stack: str) -> None:
+    """Let NAME's paused rollout go on.
+
+    The paused wave starts over: its unready limit and bake time count from now.
+    """
+    _steer(name, stack, rollout.resume)
+
+
+@rollout_group.command("abort")
+@click.argument("name")
+@click.option("--reset", is_flag=True,
+              help="Instead, remove the rollout attribute, whatever it holds (the way out of one that cannot be "
+                   "read). Nothing is rolled back: regions keep what they run, the failed revisions are forgotten, "
+                   "and the health job starts the record's current revision over from the first wave (which takes "
+                   "it at once, as it takes any new change).")
+@click.option("--stack", default="local", show_default=True, help=STACK_HELP)
+def rollout_abort(name: str, reset: bool, stack: str) -> None:
+    """Stop NAME's rollout and roll it back, as a failed gate would.
+
+    Every region that took the revision goes back to the revision it ran before (a region whose
+    earlier revision is not known keeps it; the message says which), and the revision is marked
+    failed: it is not tried again until the record's spec changes.
+    """
+    if not reset:
+        _steer(name, stack, rollout.abort)
+        return
+    settings = _stack_settings(stack)
+    store = _stack_store(settings)
+    item = _read_record(store, name)
+    if item.get(rollout.ATTRIBUTE) is None:
+        console.print(f'endpoint "{name}": no rollout recorded; nothing to remove', markup=False, highlight=False)
+        return
+    try:
+        removed = store.clear_rollout(name)
+    except StoreError as exc:
+        raise click.ClickException(f'endpoint "{name}": {exc}; look again with `gco-infra rollout status {name}`') from exc
+    if not removed:
+        raise click.ClickException(f'endpoint "{name}" no longer exists (table {store.config.table})')
+    console.print(f'endpoint "{name}": rollout removed; regions keep what they run, the health job starts the current '
+                  "revision over on its next tick", markup=False, highlight=False)
+
+
+@rollout_group.command("approve")
+@click.argument("name")
+@click.option("--stack", default="local", show_default=True, help=STACK_HELP)
+def rollout_approve(name: str, stack: str) -> None:
+    """Let NAME's current wave skip its bake time.
+
+    The wave advances as soon as every region of it is healthy on the revision. A wave that is not healthy is not pushed on: the gate still waits for every region of it, and
+    still rolls back when one stays unready. A paused rollout stays paused until `resume`.
+    """
+    _steer(name, stack, rollout.approve)
 
 
 # ---- runner ------------------------------------------------------------------------------------------------------

@@ -392,6 +392,14 @@ class EndpointStore:
                             ExpressionAttributeNames=names, ExpressionAttributeValues=values,
                             ConditionExpression=cond)
 
+    def clear_rollout(self, name: str) -> bool:
+        """Remove the record's ``rollout`` whatever it holds (``gco-infra rollout abort --reset``): the
+        way out of a value nobody can read, whose ``seq`` a conditional write cannot name. Never
+        creates an item; False when the endpoint does not exist."""
+        return self._update(Key={"endpoint_name": name}, UpdateExpression="REMOVE #ro",
+                            ExpressionAttributeNames={"#ro": "rollout"},
+                            ConditionExpression="attribute_exists(endpoint_name)")
+
     def set_desired_state(self, name: str, new: str, *, expected: str) -> bool:
         """Change desired_state only if it is still ``expected`` (a concurrent stop or delete wins)."""
         return self._update(
