@@ -869,7 +869,9 @@ def known_regions(root: Path = PROJECT_ROOT) -> list[str]:
 @main.command("health")
 @click.option("--stack", required=True, help="The regional stack whose cluster this job watches (region, namespaces, table).")
 @click.option("--once", is_flag=True, help="One tick, then exit (0 ok, 1 error, 75 not the leader).")
-@click.option("--interval", type=float, default=15.0, show_default=True, help="Seconds between ticks.")
+@click.option("--interval", type=float, default=15.0, show_default=True,
+              help="Seconds between ticks at most: a tick comes sooner (at most one per 2 s) when the watch cache "
+                   "sees a Deployment or Ingress change, or when a rollout's bake time or unready limit ends.")
 @click.option("--threshold", type=float, default=300.0, show_default=True, envvar="GCO_UNREADY_THRESHOLD",
               help="Seconds with zero ready replicas before the endpoint's Ingress is withdrawn from the shared ALB.")
 @click.option("--lease-namespace", default="gco-system", show_default=True, help="Namespace of the leader-election Lease.")
@@ -937,7 +939,7 @@ def health(stack: str, once: bool, interval: float, threshold: float, lease_name
                      table_read=report.table_read or None, error=report.error)
             if once:
                 sys.exit(1 if report.error else 0 if report.leader else 75)
-            time.sleep(max(0.0, interval - (time.monotonic() - started)))
+            job.wait(max(0.0, interval - (time.monotonic() - started)))
     finally:
         job.close()
 

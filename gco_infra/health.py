@@ -286,6 +286,8 @@ class HealthJob:
         self.last_success: float | None = None
         self.rollout_policy = rollout_policy
         """The stack's default rollout policy (gco:rolloutPolicy), for records that carry none."""
+        self.due: float | None = None
+        """When a rollout gate next comes due by time alone (epoch seconds; see rollout.due)."""
 
     def observe(self, report: HealthReport) -> dict[str, Observed]:
         """From the watch cache when it is ready and every stream is current (no request); otherwise
@@ -390,6 +392,25 @@ class HealthJob:
         self.last_success = now
         return report
 
+    def wait(self, seconds: float, *, min_gap: float = 2.0) -> None:
+        """Sleep until the next tick: ``seconds``, or sooner when a rollout gate comes due or the watch
+        cache saw a Deployment or Ingress change (then at least ``min_gap`` after this call, so a burst
+        of changes costs one tick per ``min_gap``). Readiness is then judged within seconds, not at the
+        next ``--interval``."""
+        start = time.monotonic()
+        end = start + seconds
+        if self.due is not None:
+            end = min(end, start + max(min_gap, self.due - self.clock() + 0.05))
+        cache = self._objects
+        while (left := end - time.monotonic()) > 0:
+            if cache is None:
+                time.sleep(left)
+                return
+            if cache.changed.wait(left):
+                cache.changed.clear()
+                time.sleep(max(0.0, min(end, start + min_gap) - time.monotonic()))
+                return
+
     def close(self) -> None:
         """Stop the watch cache's streams (if any)."""
         if self._objects is not None:
@@ -474,6 +495,7 @@ class HealthJob:
         Any region's job may take a step; the write is conditional on the state it read, so of two
         jobs that judged the same gate one writes and the other finds the state changed.
         """
+        self.due = None
         for record in records:
             ep = record.endpoint
             policy = rollout.policy_for(ep, self.rollout_policy) if ep is not None else None
@@ -491,12 +513,15 @@ class HealthJob:
                                                 **region_statuses({self.region: report.statuses[ep.name]})})
             try:
                 step = rollout.step(ep, policy, state, endpoint_to_item(ep)["spec"], now)
-                if step.state is None:
-                    continue
-                if self.store.write_rollout(ep.name, rollout.state_to_item(step.state),
-                                            expected_seq=state.seq if state is not None else None):
+                after = state
+                if step.state is not None and self.store.write_rollout(
+                        ep.name, rollout.state_to_item(step.state), expected_seq=state.seq if state is not None else None):
                     report.writes += 1
                     report.rollouts[ep.name] = step.event or "written"
+                    after = step.state
+                when = rollout.due(ep, policy, after)
+                if when is not None and (self.due is None or when < self.due):
+                    self.due = when
             except RECORD_ERRORS as exc:
                 report.problems[ep.name] = f'endpoint "{ep.name}": rollout: {type(exc).__name__}: {exc}'[:500]
 

@@ -77,6 +77,8 @@ class ObjectCache:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.changed = threading.Event()
+        """Set on every added, changed or deleted object: a reader may wait on it instead of polling."""
 
     # -- public --
     @property
@@ -257,6 +259,7 @@ class ObjectCache:
                 s.objects.pop(name, None)
             else:
                 s.objects[name] = obj
+        self.changed.set()
 
 
 def _field(obj: Any, key: str) -> Mapping[str, Any]:

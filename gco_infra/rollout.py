@@ -318,8 +318,42 @@ def step(ep: Endpoint, policy: RolloutPolicy, state: RolloutState | None, spec: 
 
     ``spec`` is the record's raw spec, kept in the state so the revision can be rolled back to
     later. The table's statuses are written by each region's health job; any of them may take the
-    step, and the conditional write on ``seq`` lets exactly one do it.
+    step, and the conditional write on ``seq`` lets exactly one do it. Every step this moment allows
+    is taken in one write (a rollout recorded when its first wave already runs it healthy starts
+    its bake timer at once), so the gate costs no extra ticks.
     """
+    first = _step(ep, policy, state, spec, now)
+    if first.state is None:
+        return first
+    taken = first
+    for _ in range(MAX_STEPS_AT_ONCE):
+        nxt = _step(ep, policy, taken.state, spec, now)
+        if nxt.state is None:
+            break
+        taken = Step(replace(nxt.state, seq=first.state.seq), nxt.event)  # one write: seq moves once
+    return taken
+
+
+MAX_STEPS_AT_ONCE = 4
+
+
+def due(ep: Endpoint, policy: RolloutPolicy, state: RolloutState | None) -> float | None:
+    """When this rollout's gate can next change with nothing else happening: the bake time ends or
+    the unready limit passes (epoch seconds; None: not progressing)."""
+    if state is None or state.phase != "progressing" or state.revision != spec_revision(ep):
+        return None
+    bakes = bakes_for(policy, ep.target_regions)
+    if state.wave >= len(bakes):
+        return None
+    healthy = _parse_iso(state.healthy_since)
+    if healthy is not None:
+        return healthy + bakes[state.wave]
+    started = _parse_iso(state.wave_started)
+    return None if started is None else started + policy.unready_limit_seconds
+
+
+def _step(ep: Endpoint, policy: RolloutPolicy, state: RolloutState | None, spec: Mapping[str, Any],
+          now: float) -> Step:
     if ep.desired_state == "deleted":
         return Step()
     current = spec_revision(ep)

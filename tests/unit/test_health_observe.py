@@ -48,7 +48,8 @@ def as_models(items, kind):
 
 
 def observe_models(deployments, ingresses) -> dict[str, Observed]:
-    """The job's observation before this change, on the client's models (kept verbatim)."""
+    """The job's observation on the client's models, as it was before the JSON reads, plus the two
+    rollout rules since (pods of an older template still counted; the revision annotation)."""
     seen: dict[str, Observed] = {}
     for d in deployments:
         labels = d.metadata.labels or {}
@@ -62,8 +63,12 @@ def observe_models(deployments, ingresses) -> dict[str, Observed]:
         t.seen = True
         t.desired += want
         t.ready += (st.ready_replicas or 0) if st else 0
-        if st is None or (st.observed_generation or 0) < (d.metadata.generation or 0) or (st.updated_replicas or 0) < want:
+        if st is None or (st.observed_generation or 0) < (d.metadata.generation or 0) or (st.updated_replicas or 0) < want \
+                or (st.replicas or 0) > want:
             t.updated = False
+        revision = (d.metadata.annotations or {}).get("gco.io/revision")
+        if revision:
+            t.revision = revision[:64]
     for i in ingresses:
         name = (i.metadata.labels or {}).get("app")
         if name:
@@ -142,3 +147,46 @@ def test_an_answer_that_is_not_a_list_of_objects_is_an_error(body):
 def test_a_count_of_the_wrong_type_is_an_error_not_a_guess():
     with pytest.raises(ObserveError):
         add_deployment({}, deployment("odd", "odd", status={"observedGeneration": 2, "readyReplicas": "1"}))
+
+
+def test_a_rollout_in_progress_is_not_counted_ready_by_the_old_pods():
+    # the new template's pod is not ready; the old one still is: the Deployment has 2 pods for 1 wanted
+    dep = deployment("roll", "roll", status={"observedGeneration": 2, "replicas": 2, "updatedReplicas": 1,
+                                             "readyReplicas": 1})
+    dep["metadata"].setdefault("annotations", {})["gco.io/revision"] = "abc"
+    seen = observe_json([dep], [])
+    assert seen["roll"].primary.ready == 1 and not seen["roll"].primary.updated
+    assert seen["roll"].primary.revision == "abc"
+
+
+def _job(clock=None):
+    import threading
+    import time
+
+    from gco_infra.health import HealthJob
+
+    job = HealthJob(None, client.ApiClient(), "r1", ("ns",), clock=clock or time.time)
+    job._objects = SimpleNamespace(changed=threading.Event())
+    return job
+
+
+def test_wait_ends_when_the_watch_cache_sees_a_change():
+    import threading
+    import time
+
+    job = _job()
+    threading.Timer(0.2, job._objects.changed.set).start()
+    started = time.monotonic()
+    job.wait(30.0, min_gap=0.0)
+    assert time.monotonic() - started < 15, "the change did not end the wait"
+    assert not job._objects.changed.is_set()
+
+
+def test_wait_ends_when_a_rollout_gate_comes_due():
+    import time
+
+    job = _job()
+    job.due = time.time() + 0.2
+    started = time.monotonic()
+    job.wait(30.0, min_gap=0.0)
+    assert time.monotonic() - started < 15, "the gate's due time did not end the wait"

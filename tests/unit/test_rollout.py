@@ -217,9 +217,8 @@ def test_steering():
     resumed = rollout.resume(paused, 1100, "ana")
     assert resumed.wave_started == "1970-01-01T00:18:20Z"
     approved = rollout.approve(resumed, 1100, "ana")
-    s1 = run({"r1": healthy(r_new)}, it, approved, 1101.0)  # healthy: the timer starts
-    s2 = run({"r1": healthy(r_new)}, it, s1.state, 1102.0)  # approved: no bake time
-    assert s2.event == "advanced" and s2.state.wave == 1
+    s1 = run({"r1": healthy(r_new)}, it, approved, 1101.0)  # healthy, and approved: no bake time
+    assert s1.event == "advanced" and s1.state.wave == 1 and s1.state.seq == approved.seq + 1
     try:
         rollout.resume(state, 0, "ana")
         raise AssertionError("resume of a progressing rollout must be refused")
@@ -299,3 +298,15 @@ def test_a_kept_spec_that_no_longer_validates_is_never_a_removal():
     kept["spec"]["replicas"] = -5  # as if the rules tightened since it was applied
     view = rollout.region_view(validate_all([it]), "r2", {"ep": it}, lambda: {"ep": kept}, None)
     assert view.endpoints["ep"].spec.image == "img:2"
+
+
+def test_a_rollout_recorded_when_its_first_wave_already_runs_it_starts_baking_in_the_same_write():
+    old, it = ep_of(item(image="img:1")), item(image="img:2")
+    r_old, r_new = spec_revision(old), spec_revision(ep_of(it))
+    done = rollout.RolloutState(revision=r_old, phase="complete", regions={r: r_old for r in ("r1", "r2", "r3")},
+                                specs={r_old: endpoint_to_item(old)["spec"]}, seq=7)
+    s = run({"r1": healthy(r_new), "r2": healthy(r_old), "r3": healthy(r_old)}, it, done, 1000.0)
+    assert s.state.seq == 8 and s.state.healthy_since == "1970-01-01T00:16:40Z" and s.state.wave == 0
+    assert rollout.due(ep_of(it), ep_of(it).rollout_policy, s.state) == 1060.0
+    nothing = rollout.due(ep_of(it), ep_of(it).rollout_policy, replace(s.state, healthy_since=None))
+    assert nothing == 1000.0 + 300  # the unready limit, counted from the wave's start
