@@ -34,3 +34,23 @@ def test_preview_tells_table_changes_from_code_changes(env, tick, runner, kube1)
     assert "| `pv-old` | code | update | Deployment/pv-old |" in md
     assert "| `pv-new` | table | create | Deployment/pv-new |" in md
     assert kube1.deployment("pv-old").spec.template.spec.containers[0].startup_probe.failure_threshold == 90
+
+
+def test_preview_of_a_spec_change_under_a_rollout_policy_shows_its_waves(env, tick, runner, kube1):
+    policy = {"waves": [["local-1"], ["local-2"]], "bake_seconds": 120}
+    item = {"endpoint_name": "pv-waves", "desired_state": "running", "target_regions": ["local-1", "local-2"],
+            "spec": {"image": "example.com/org/server:1", "gpu_count": 0}, "rollout_policy": policy}
+    env.store().put_desired(item)
+    tick()
+    env.store().put_desired({**item, "spec": {"image": "example.com/org/server:2", "gpu_count": 0}})
+    items = env.store().list_endpoints()
+    first, second = (preview_stack(runner.states[s].settings, items, env.pulumi_env()) for s in ("local", "local-2"))
+    assert first.error is None and second.error is None
+    # wave 1 takes the change now; wave 2 keeps what it runs, so its engine preview changes nothing for it
+    assert [(c.op, c.resource) for c in first.changes if c.endpoint == "pv-waves"] == [("update", "Deployment/pv-waves")]
+    assert not [c for c in second.changes if c.endpoint == "pv-waves"]
+    assert (first.rollouts["pv-waves"].now, first.rollouts["pv-waves"].wave) == (True, 1)
+    assert (second.rollouts["pv-waves"].now, second.rollouts["pv-waves"].wave) == (False, 2)
+    md = render_markdown([first, second])
+    assert "**Rollouts.**" in md and "1: `local-1` (bake 120 s) → 2: `local-2`" in md, md
+    assert kube1.deployment("pv-waves").spec.template.spec.containers[0].image == "example.com/org/server:1"
