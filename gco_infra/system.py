@@ -162,9 +162,8 @@ class Workloads:
     interval: int = 2
     full_every: int = 21600
     """The sweep's period, the backstop: drift is repaired by the runner's watch in seconds."""
-    parallel: int = 1
-    """Runner operations at once. 1: in the runner's own process, as before worker processes
-    existed; the runner pod has not been verified with worker processes yet."""
+    parallel: int = 2
+    """Runner operations at once, each in a worker process (the pod's CPU limit is 2)."""
     health_replicas: int = 2
 
     @property

@@ -49,9 +49,11 @@ class Image:
     """The only paths the container may write (the image's VOLUMEs)."""
 
     def run(self, *args: str, env: dict[str, str] | None = None, mounts: tuple[str, ...] = (),
-            network: str = "host", timeout: float = 300) -> subprocess.CompletedProcess:
+            network: str = "host", timeout: float = 300, entrypoint: str | None = None) -> subprocess.CompletedProcess:
         cmd = [*PODMAN, "run", "--rm", *LIMITS, "--read-only", "--read-only-tmpfs=false", "--user", "10001",
                "--cap-drop=all", "--security-opt=no-new-privileges", f"--network={network}"]
+        if entrypoint:
+            cmd += ["--entrypoint", entrypoint]
         for v in self.volumes:
             cmd += ["--tmpfs", f"{v}:rw,U"]  # empty, writable by the container's user, like an emptyDir
         for m in mounts:
@@ -228,3 +230,12 @@ def _delete_lease(api: client.CoordinationV1Api) -> None:
     except client.ApiException as exc:
         if exc.status != 404:
             raise
+
+
+def test_a_worker_process_started_under_the_entry_point_does_not_run_the_command_again(image):
+    """The runner's workers are spawned: each runs the entry point's file as __mp_main__ first. Unguarded,
+    it would run the whole command again in every worker (a second runner binding the liveness port)."""
+    code = ("import runpy, sys; sys.argv = ['gco-infra', '--version']; "
+            "runpy.run_path('/opt/venv/bin/gco-infra', run_name='__mp_main__'); print('guarded')")
+    r = image.run("-c", code, network="none", entrypoint="/opt/venv/bin/python")
+    assert r.returncode == 0 and r.stdout.strip() == "guarded", r.stdout + r.stderr

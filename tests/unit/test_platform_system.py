@@ -119,7 +119,7 @@ def test_runner_deployment():
                                       "seccompProfile": {"type": "RuntimeDefault"}}
     (c,) = pod["containers"]
     assert c["image"] == WORKLOADS.image
-    assert c["args"] == ["run", "--stack", "$(GCO_STACK)", "--interval", "2", "--full-every", "21600", "--parallel", "1",
+    assert c["args"] == ["run", "--stack", "$(GCO_STACK)", "--interval", "2", "--full-every", "21600", "--parallel", "2",
                          "--liveness-port", "8081"]
     env = {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
     assert env == {
