@@ -22,8 +22,10 @@ from rich.text import Text
 from . import localenv, rollout
 from .endpoint import (DEFAULT_NAMESPACE, DESIRED_STATES, Endpoint, RolloutPolicy, endpoint_to_item, parse_endpoint,
                        spec_revision)
-from .program import PROJECT_ROOT, ProgramError, StackSettings, in_cluster, settings_from_stack_file
+from .program import (PROJECT_ROOT, ProgramError, StackSettings, in_cluster, rollout_policy_disagreement,
+                      settings_from_stack_file)
 from .store import EndpointStore, StoreConfig, StoreError
+from .store import utcnow as store_now
 
 console = Console(stderr=True)
 out = Console()
@@ -477,7 +479,7 @@ def render_rollout(report: dict[str, Any]) -> Group:
 @rollout_group.command("status")
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="The same as JSON (waves numbered from 1, as in the text).")
-@click.option("--stack", default="local", show_default=True, help=STACK_HELP)
+@click.option("--stack", default="local", show_default=True, envvar="GCO_STACK", help=STACK_HELP)
 def rollout_status(name: str, as_json: bool, stack: str) -> None:
     """Where NAME's rollout stands, region by region.
 
@@ -532,7 +534,7 @@ def _steer(name: str, stack: str, move: Callable[[rollout.RolloutState, float, s
 
 @rollout_group.command("pause")
 @click.argument("name")
-@click.option("--stack", default="local", show_default=True, help=STACK_HELP)
+@click.option("--stack", default="local", show_default=True, envvar="GCO_STACK", help=STACK_HELP)
 def rollout_pause(name: str, stack: str) -> None:
     """Hold NAME's progressing rollout where it is until `resume`.
 
@@ -544,7 +546,7 @@ def rollout_pause(name: str, stack: str) -> None:
 
 @rollout_group.command("resume")
 @click.argument("name")
-@click.option("--stack", default="local", show_default=True, help=STACK_HELP)
+@click.option("--stack", default="local", show_default=True, envvar="GCO_STACK", help=STACK_HELP)
 def rollout_resume(name: str, stack: str) -> None:
     """Let NAME's paused rollout go on.
 
@@ -556,11 +558,11 @@ def rollout_resume(name: str, stack: str) -> None:
 @rollout_group.command("abort")
 @click.argument("name")
 @click.option("--reset", is_flag=True,
-              help="Instead, remove the rollout attribute, whatever it holds (the way out of one that cannot be "
-                   "read). Nothing is rolled back: regions keep what they run, the failed revisions are forgotten, "
-                   "and the health job starts the record's current revision over from the first wave (which takes "
-                   "it at once, as it takes any new change).")
-@click.option("--stack", default="local", show_default=True, help=STACK_HELP)
+              help="Instead, replace the rollout attribute, whatever it holds (the way out of one that cannot be "
+                   "read), with a stopped rollout of the record's current revision: nothing moves, every region "
+                   "keeps what it runs, and the next change of the record's spec starts a new rollout. (A record "
+                   "that is not valid has the attribute removed.)")
+@click.option("--stack", default="local", show_default=True, envvar="GCO_STACK", help=STACK_HELP)
 def rollout_abort(name: str, reset: bool, stack: str) -> None:
     """Stop NAME's rollout and roll it back, as a failed gate would.
 
@@ -575,26 +577,38 @@ def rollout_abort(name: str, reset: bool, stack: str) -> None:
     store = _stack_store(settings)
     item = _read_record(store, name)
     if item.get(rollout.ATTRIBUTE) is None:
-        console.print(f'endpoint "{name}": no rollout recorded; nothing to remove', markup=False, highlight=False)
+        console.print(f'endpoint "{name}": no rollout recorded; nothing to reset', markup=False, highlight=False)
         return
+    parsed = parse_endpoint(item, allowed_namespaces=settings.allowed_namespaces)
     try:
-        removed = store.clear_rollout(name)
+        if parsed.endpoint is None:
+            done = store.clear_rollout(name)
+            what = "rollout removed (the record is not valid)"
+        else:
+            current = spec_revision(parsed.endpoint)
+            old, _ = rollout.read_state(item)
+            reset_state = rollout.RolloutState(
+                revision=current, phase="aborted", failed=(current,), seq=(old.seq if old else 0) + 1,
+                specs=dict(old.specs) if old else {}, updated_at=store_now(),
+                message=f"reset by {_who()}: every region keeps what it runs until the spec changes")
+            done = store.write_rollout(name, rollout.state_to_item(reset_state), expected_seq=None, force=True)
+            what = f"rollout of {current} reset: every region keeps what it runs until the record's spec changes"
     except StoreError as exc:
         raise click.ClickException(f'endpoint "{name}": {exc}; look again with `gco-infra rollout status {name}`') from exc
-    if not removed:
+    if not done:
         raise click.ClickException(f'endpoint "{name}" no longer exists (table {store.config.table})')
-    console.print(f'endpoint "{name}": rollout removed; regions keep what they run, the health job starts the current '
-                  "revision over on its next tick", markup=False, highlight=False)
+    console.print(f'endpoint "{name}": {what}', markup=False, highlight=False)
 
 
 @rollout_group.command("approve")
 @click.argument("name")
-@click.option("--stack", default="local", show_default=True, help=STACK_HELP)
+@click.option("--stack", default="local", show_default=True, envvar="GCO_STACK", help=STACK_HELP)
 def rollout_approve(name: str, stack: str) -> None:
     """Let NAME's current wave skip its bake time.
 
-    The wave advances as soon as every region of it is healthy on the revision. A wave that is not healthy is not pushed on: the gate still waits for every region of it, and
-    still rolls back when one stays unready. A paused rollout stays paused until `resume`.
+    The wave advances as soon as every region of it is healthy on the revision. A wave that is not
+    healthy is not pushed on: the gate still waits for every region of it, and still rolls back
+    when one stays unready. A paused rollout stays paused until `resume`.
     """
     _steer(name, stack, rollout.approve)
 
@@ -695,6 +709,8 @@ def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float 
                          overlap=not once, deletion_window=0.0 if once else DELETION_WINDOW)
     try:
         runner = build_runner(_stacks_for(stacks), opts, progress=lambda s: log.info("progress", msg=s))
+        if (disagreement := rollout_policy_disagreement()) is not None:
+            log.warning("rollout policy", problem=disagreement)
     except ProgramError as exc:
         console.print(f"[red]error:[/] {exc}")
         sys.exit(EXIT_CONFIG)
@@ -906,6 +922,8 @@ def health(stack: str, once: bool, interval: float, threshold: float, lease_name
         settings = settings_from_stack_file(stack)
     except ProgramError as exc:
         raise click.ClickException(str(exc)) from exc
+    if (disagreement := rollout_policy_disagreement()) is not None:
+        log.warning("rollout policy", problem=disagreement)
     store = EndpointStore(settings.store)
     if in_cluster:
         kconfig.load_incluster_config()

@@ -159,6 +159,8 @@ class RegionStatus:
     message: str | None = None
     revision: str | None = None
     """The revision the region's Deployment runs (health job; endpoints rolled out under a policy)."""
+    canary_ready: int | None = None
+    canary_desired: int | None = None
 
     @property
     def ingress_withdrawn(self) -> bool:
@@ -472,7 +474,7 @@ def _canary(errs: _Errors, value: Any) -> Canary | None:
 
 
 _STATUS_TEXT = ("last_sync", "error", "ingress", "unready_since", "message", "revision")
-_STATUS_NUMBERS = ("replicas_ready", "replicas_desired")
+_STATUS_NUMBERS = ("replicas_ready", "replicas_desired", "canary_ready", "canary_desired")
 
 
 def status_number(value: Any) -> int | None:

@@ -214,8 +214,9 @@ def add_deployment(seen: dict[str, Observed], obj: Mapping[str, Any]) -> None:
     t.desired += want
     t.ready += _count(st.get("readyReplicas"))
     # Pods of an older template still counted (a rollout in progress): their readiness is not this one's.
+    # (A scale-down leaves no older pod: replicas shrink to the updated ones.)
     if (status is None or _count(st.get("observedGeneration")) < _count(meta.get("generation"))
-            or _count(st.get("updatedReplicas")) < want or _count(st.get("replicas")) > want):
+            or _count(st.get("updatedReplicas")) < want or _count(st.get("replicas")) > _count(st.get("updatedReplicas"))):
         t.updated = False
 
 
@@ -288,6 +289,8 @@ class HealthJob:
         """The stack's default rollout policy (gco:rolloutPolicy), for records that carry none."""
         self.due: float | None = None
         """When a rollout gate next comes due by time alone (epoch seconds; see rollout.due)."""
+        self.rollouts_active = False
+        """Some rollout is under way (its gate judges readiness): ticks come sooner on changes."""
 
     def observe(self, report: HealthReport) -> dict[str, Observed]:
         """From the watch cache when it is ready and every stream is current (no request); otherwise
@@ -392,6 +395,19 @@ class HealthJob:
         self.last_success = now
         return report
 
+    def _forget_rollout(self, record: Record, report: HealthReport) -> None:
+        """A record under no policy (any more) loses its rollout state: a policy added again later
+        starts from what regions run then, never from this state's stale revisions."""
+        state, problem = rollout.read_state(record.item)
+        if problem is not None:
+            return  # somebody's value we cannot name in a condition: `gco-infra rollout abort --reset`
+        try:
+            if self.store.clear_rollout(record.name, expected_seq=state.seq if state is not None else None):
+                report.writes += 1
+                report.rollouts[record.name] = "forgotten (no rollout policy)"
+        except StoreError as exc:
+            report.problems[record.name] = f'endpoint "{record.name}": {exc}'[:500]
+
     def wait(self, seconds: float, *, min_gap: float = 2.0) -> None:
         """Sleep until the next tick: ``seconds``, or sooner when a rollout gate comes due or the watch
         cache saw a Deployment or Ingress change (then at least ``min_gap`` after this call, so a burst
@@ -401,7 +417,7 @@ class HealthJob:
         end = start + seconds
         if self.due is not None:
             end = min(end, start + max(min_gap, self.due - self.clock() + 0.05))
-        cache = self._objects
+        cache = self._objects if self.rollouts_active else None  # otherwise --interval, as always
         while (left := end - time.monotonic()) > 0:
             if cache is None:
                 time.sleep(left)
@@ -478,7 +494,8 @@ class HealthJob:
             try:
                 if ep.desired_state == "deploying":
                     regions = [r for r in ep.target_regions if self.known_regions is None or r in self.known_regions]
-                    if regions and all(ep.status_in(r).state == "running" for r in regions):
+                    if regions and all(ep.status_in(r).state == "running" for r in regions) \
+                            and self._rolled_out(record, regions):
                         if self.store.set_desired_state(ep.name, "running", expected="deploying"):
                             report.promoted.append(ep.name)
                 elif purge_blocker(record, region=self.region, known_regions=self.known_regions or {self.region},
@@ -489,17 +506,30 @@ class HealthJob:
                 report.problems[ep.name] = f'endpoint "{ep.name}": {exc}'[:500]
 
 
+    def _rolled_out(self, record: Record, regions: list[str]) -> bool:
+        """Under a rollout policy, every region runs the record's current revision (a region still held
+        on an older one reports running too)."""
+        ep = record.endpoint
+        if ep is None or rollout.policy_for(ep, self.rollout_policy) is None:
+            return True
+        current = rollout.spec_revision(ep)
+        return all(ep.status_in(r).revision == current for r in regions)
+
     def _rollouts(self, records: Iterable[Record], now: float, report: HealthReport) -> None:
         """Move every rollout on by its gate (rollout.step), from the table's statuses of all regions.
 
         Any region's job may take a step; the write is conditional on the state it read, so of two
         jobs that judged the same gate one writes and the other finds the state changed.
         """
-        self.due = None
+        self.due, self.rollouts_active = None, False
         for record in records:
             ep = record.endpoint
             policy = rollout.policy_for(ep, self.rollout_policy) if ep is not None else None
-            if ep is None or policy is None:
+            if ep is None:
+                continue
+            if policy is None:
+                if record.item.get(rollout.ATTRIBUTE) is not None and self._acting():
+                    self._forget_rollout(record, report)
                 continue
             if not self._acting():
                 return
@@ -522,6 +552,8 @@ class HealthJob:
                 when = rollout.due(ep, policy, after)
                 if when is not None and (self.due is None or when < self.due):
                     self.due = when
+                if after is None or after.revision != rollout.spec_revision(ep) or after.phase == "progressing":
+                    self.rollouts_active = True
             except RECORD_ERRORS as exc:
                 report.problems[ep.name] = f'endpoint "{ep.name}": rollout: {type(exc).__name__}: {exc}'[:500]
 

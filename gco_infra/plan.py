@@ -12,7 +12,7 @@ from . import manifests as m
 from .component import TYPE as COMPONENT_TYPE
 from .component import TYPE_TOKENS
 from .endpoint import Endpoint, Validated, status_entry_problem, stored_region_status, validate_all
-from .program import StackSettings, shard_settings
+from .program import StackSettings, as_declared, previous_records_from_outputs, shard_settings
 from .store import utcnow
 
 PROJECT = "gco-infra"
@@ -297,8 +297,10 @@ def hpa_handbacks(plan: Plan, items: list[dict[str, Any]], settings: StackSettin
     candidates = [n for n in plan.touched if m.HPA in (((old.get(n) or {}).get("objects")) or {})]
     if not candidates:
         return []
-    valid = validate_all([i for i in items if isinstance(i, Mapping) and i.get("endpoint_name") in candidates],
-                         allowed_namespaces=settings.allowed_namespaces)
+    subset = [i for i in items if isinstance(i, Mapping) and i.get("endpoint_name") in candidates]
+    # what the region declares: under a rollout policy, the revision it may run
+    valid = as_declared(validate_all(subset, allowed_namespaces=settings.allowed_namespaces), settings, subset,
+                        lambda: previous_records_from_outputs(outputs or {}))
     out = []
     for name in candidates:
         ep = valid.endpoints.get(name)

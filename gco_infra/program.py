@@ -229,6 +229,32 @@ def settings_from_stack_file(stack: str, root: Path = PROJECT_ROOT) -> StackSett
     return settings_from_values(values, stack)
 
 
+def rollout_policy_disagreement(root: Path = PROJECT_ROOT) -> str | None:
+    """Why the stacks that read one table disagree on gco:rolloutPolicy, or None.
+
+    All regions' health jobs judge one rollout and every region's program declares from it: a stack
+    without the default applies every change at once, and its health job forgets the rollouts of
+    records without a policy of their own.
+    """
+    by_table: dict[tuple[Any, ...], dict[str, RolloutPolicy | None]] = {}
+    for path in sorted((root / "stacks").glob("Pulumi.*.yaml")):
+        stack = path.name[len("Pulumi."):-len(".yaml")]
+        try:
+            s = settings_from_stack_file(stack, root)
+        except ProgramError:
+            continue
+        key = (s.store.table, s.store.region, s.store.endpoint_url)
+        by_table.setdefault(key, {})[stack] = s.rollout_policy
+    for (table, _, _), policies in sorted(by_table.items(), key=lambda kv: str(kv[0])):
+        if len(set(policies.values())) > 1:
+            with_ = sorted(n for n, p in policies.items() if p is not None)
+            without = sorted(n for n, p in policies.items() if p is None)
+            return (f"stacks reading table {table} carry different gco:rolloutPolicy defaults "
+                    f"(set: {', '.join(with_) or 'none'}; unset: {', '.join(without) or 'none'}"
+                    f"{'' if without else '; the values differ'}): give them all the same one")
+    return None
+
+
 def _kubeconfig(name: str, server: str, ca_data: str, user: dict[str, Any]) -> str:
     return json.dumps({
         "apiVersion": "v1", "kind": "Config", "current-context": name,

@@ -55,6 +55,18 @@ class RolloutState:
     seq: int = 0
     message: str = ""
     updated_at: str | None = None
+    started: str | None = None
+    """When this rollout was recorded: a watchdog withdrawal before it is not this revision's."""
+    waves: tuple[tuple[str, ...], ...] = ()
+    """The waves as they were when the rollout started (a policy or targets edited midway do not
+    move ``wave`` onto other regions); empty in states written before waves were recorded."""
+    bakes: tuple[int, ...] = ()
+    """The bake time of each recorded wave."""
+    unhealthy: Mapping[str, str] = field(default_factory=dict)
+    """Region -> since when it has not been healthy on the revision (regions that may run it only):
+    the unready limit counts from there, so a blip after hours of health is not a failure."""
+    held: bool = False
+    """The endpoint is stopped: the wave waits, its timers start again when it runs."""
 
 
 def _show(value: Any) -> str:
@@ -74,6 +86,8 @@ def read_state(item: Mapping[str, Any]) -> tuple[RolloutState | None, str | None
         return None, "rollout.revision must be a revision string"
     if phase not in PHASES:
         return None, f"rollout.phase must be one of {', '.join(PHASES)}, got {_show(phase)}"
+    if raw.get("seq") is None:
+        return None, "rollout.seq is missing (every write of the rollout sets it)"
     numbers = {}
     for key, default in (("wave", 0), ("approved", -1), ("seq", 0)):
         value = raw.get(key, default)
@@ -81,10 +95,10 @@ def read_state(item: Mapping[str, Any]) -> tuple[RolloutState | None, str | None
             numbers[key] = int(value)
         except (TypeError, ValueError):
             return None, f"rollout.{key} must be a whole number, got {_show(value)}"
-        if isinstance(value, bool) or numbers[key] != value:
+        if isinstance(value, bool) or numbers[key] != value or (key != "approved" and numbers[key] < 0):
             return None, f"rollout.{key} must be a whole number, got {_show(value)}"
     maps = {}
-    for key in ("regions", "base"):
+    for key in ("regions", "base", "unhealthy"):
         value = raw.get(key) or {}
         if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             return None, f"rollout.{key} must map regions to revisions"
@@ -96,15 +110,36 @@ def read_state(item: Mapping[str, Any]) -> tuple[RolloutState | None, str | None
     if not isinstance(failed, (list, tuple)) or not all(isinstance(f, str) for f in failed):
         return None, "rollout.failed must be a list of revisions"
     texts = {}
-    for key in ("wave_started", "healthy_since", "message", "updated_at"):
+    for key in ("wave_started", "healthy_since", "message", "updated_at", "started"):
         value = raw.get(key)
         if value is not None and not isinstance(value, str):
             return None, f"rollout.{key} must be a string, got {_show(value)}"
+        if key not in ("message", "updated_at") and value is not None and _parse_iso(value) is None:
+            return None, f"rollout.{key} must be an ISO-8601 time, got {_show(value)}"
         texts[key] = value
+    for region, since in maps["unhealthy"].items():
+        if _parse_iso(since) is None:
+            return None, f"rollout.unhealthy.{region} must be an ISO-8601 time, got {_show(since)}"
+    waves = raw.get("waves") or []
+    if not isinstance(waves, (list, tuple)) or not all(
+            isinstance(w, (list, tuple)) and all(isinstance(r, str) for r in w) for w in waves):
+        return None, "rollout.waves must be a list of lists of regions"
+    bakes = raw.get("bakes") or []
+    try:
+        bakes = [int(b) for b in bakes] if isinstance(bakes, (list, tuple)) else None
+    except (TypeError, ValueError):
+        bakes = None
+    if bakes is None or len(bakes) != len(waves) or any(b < 0 for b in bakes):
+        return None, "rollout.bakes must hold one bake time (seconds) per recorded wave"
+    held = raw.get("held", False)
+    if not isinstance(held, bool):
+        return None, f"rollout.held must be true or false, got {_show(held)}"
     return RolloutState(revision=revision, phase=phase, regions=maps["regions"], base=maps["base"],
                         specs={k: dict(v) for k, v in specs.items()}, failed=tuple(failed),
                         wave_started=texts["wave_started"], healthy_since=texts["healthy_since"],
-                        message=texts["message"] or "", updated_at=texts["updated_at"], **numbers), None
+                        message=texts["message"] or "", updated_at=texts["updated_at"], started=texts["started"],
+                        waves=tuple(tuple(w) for w in waves), bakes=tuple(bakes), unhealthy=maps["unhealthy"],
+                        held=held, **numbers), None
 
 
 def state_to_item(state: RolloutState) -> dict[str, Any]:
@@ -112,8 +147,10 @@ def state_to_item(state: RolloutState) -> dict[str, Any]:
         "revision": state.revision, "phase": state.phase, "wave": state.wave, "regions": dict(state.regions),
         "base": dict(state.base), "specs": {k: dict(v) for k, v in state.specs.items()},
         "failed": list(state.failed), "approved": state.approved, "seq": state.seq, "message": state.message,
+        "waves": [list(w) for w in state.waves], "bakes": list(state.bakes), "unhealthy": dict(state.unhealthy),
+        "held": state.held,
     }
-    for key in ("wave_started", "healthy_since", "updated_at"):
+    for key in ("wave_started", "healthy_since", "updated_at", "started"):
         if getattr(state, key) is not None:
             item[key] = getattr(state, key)
     return item
@@ -171,7 +208,7 @@ def allowed_revision(ep: Endpoint, policy: RolloutPolicy, state: RolloutState | 
     waves = waves_for(policy, ep.target_regions)
     if waves and region in waves[0]:
         return current
-    return state.regions.get(region) if state is not None else None
+    return None  # what it runs (an older rollout's entries may be stale: the policy may have come and gone)
 
 
 def region_view(validated: Validated, region: str, items: Mapping[str, Mapping[str, Any]],
@@ -198,18 +235,17 @@ def region_view(validated: Validated, region: str, items: Mapping[str, Mapping[s
         item = items.get(name) or {}
         state, problem = read_state(item)
         previous = applied().get(name)
-        view = declared_revision(ep, policy, state, region, previous, broken=problem is not None)
-        if view is not None:
-            out[name] = view
+        out[name] = declared_revision(ep, policy, state, region, previous, broken=problem is not None)
     if not changed:
         return validated
     return Validated(endpoints=out, invalid=validated.invalid)
 
 
 def declared_revision(ep: Endpoint, policy: RolloutPolicy, state: RolloutState | None, region: str,
-                      previous: Mapping[str, Any] | None, *, broken: bool = False) -> Endpoint | None:
-    """``ep`` as ``region`` declares it (None: nothing is declared there). ``broken``: the rollout state
-    cannot be read, so the region keeps what it runs until someone fixes or aborts it."""
+                      previous: Mapping[str, Any] | None, *, broken: bool = False) -> Endpoint:
+    """``ep`` as ``region`` declares it, always something: leaving a valid endpoint out would remove
+    what runs. ``broken``: the rollout state cannot be read, so the region keeps what it runs until
+    someone fixes or resets it."""
     current = spec_revision(ep)
     kept = _spec_of(ep, previous) if previous is not None else None
     if broken:
@@ -229,9 +265,13 @@ def declared_revision(ep: Endpoint, policy: RolloutPolicy, state: RolloutState |
         # What runs here was applied under rules that no longer accept its spec, and the table holds no
         # copy that does: the current (valid) revision goes here early rather than nothing (a removal).
         return replace(ep, revision=current)
-    if previous is None and not (state is not None and state.revision == current and state.phase in STOPPED_PHASES):
-        return replace(ep, revision=current)
-    return None
+    if state is not None and state.revision == current and state.phase in STOPPED_PHASES:
+        # Nothing runs here and the revision failed elsewhere: a good revision the table holds, if any.
+        for good in sorted(set(state.base.values())):
+            spec_ep = _spec_of(ep, {"spec": state.specs[good]}) if good in state.specs else None
+            if spec_ep is not None:
+                return replace(ep, spec=spec_ep.spec, revision=good)
+    return replace(ep, revision=current)
 
 
 def _spec_of(ep: Endpoint, record: Mapping[str, Any]) -> Endpoint | None:
@@ -252,16 +292,27 @@ class Step:
     """started, recorded, healthy, advanced, completed, failed."""
 
 
-def region_health(ep: Endpoint, status: RegionStatus, revision: str) -> str:
-    """healthy, withdrawn (the watchdog took its Ingress off the ALB on this revision) or waiting."""
+def region_health(ep: Endpoint, status: RegionStatus, revision: str, since: float | None = None) -> str:
+    """healthy, withdrawn (the watchdog took its Ingress off the ALB while this revision ran, after
+    ``since``, the rollout's start) or waiting. With a canary, the canary must be ready too: it takes
+    its weight of the traffic in every region the revision reaches."""
     if status.revision != revision:
         return "waiting"
     if ep.desired_state == "stopped":
         return "healthy" if status.state == "stopped" else "waiting"
     if status.ingress_withdrawn:
-        return "withdrawn"
+        dead_from = _parse_iso(status.unready_since)
+        if since is None or (dead_from is not None and dead_from >= since):
+            return "withdrawn"
+        return "waiting"  # withdrawn while an older revision was dead: this one has to come up first
     ready, desired = status.replicas_ready or 0, status.replicas_desired or 0
-    return "healthy" if status.state == "running" and desired > 0 and ready >= desired else "waiting"
+    if not (status.state == "running" and desired > 0 and ready >= desired):
+        return "waiting"
+    if ep.spec.canary is not None:
+        c_ready, c_desired = status.canary_ready or 0, status.canary_desired or 0
+        if not (c_desired > 0 and c_ready >= c_desired):
+            return "waiting"
+    return "healthy"
 
 
 def _time(text: str | None, default: float) -> float:
@@ -272,44 +323,53 @@ def _time(text: str | None, default: float) -> float:
 RUNNING_STATES = ("running", "updating", "stopping", "stopped")
 
 
-def _runs_another(ep: Endpoint, current: str) -> bool:
-    """Whether a target region reports running another revision, or running one whose revision it
-    does not know (applied before the policy)."""
-    return any((s.revision and s.revision != current) or (not s.revision and s.state in RUNNING_STATES)
-               for r, s in ep.region_status.items() if r in ep.target_regions)
-
-
 def _with(state: RolloutState, now: float, **changes: Any) -> RolloutState:
     return replace(state, seq=state.seq + 1, updated_at=_iso(now), **changes)
 
 
 def start(ep: Endpoint, policy: RolloutPolicy, state: RolloutState | None, spec: Mapping[str, Any],
-          now: float) -> RolloutState:
-    """A rollout of the record's current revision, from what every region may run now."""
+          now: float) -> RolloutState | None:
+    """A rollout of the record's current revision, from what every region may run now; None: not yet.
+
+    Before the first recorded rollout, what a region runs is what its status reports. A region that
+    runs the endpoint but reports no revision yet (the policy is new, the runner has not annotated
+    its Deployment, or its health job has not looked since) is waited for: then a policy added to an
+    unchanged spec records it as complete, instead of rolling the same spec out again.
+    """
     current = spec_revision(ep)
-    waves = waves_for(policy, ep.target_regions)
-    base = dict(state.regions) if state is not None else {}
-    if state is None:  # before the first recorded rollout: regions run what their statuses show
-        base = {r: s.revision for r, s in ep.region_status.items() if s.revision and r in ep.target_regions}
-    first_deploy = state is None and not _runs_another(ep, current)
-    regions = {r: rev for r, rev in base.items() if r in ep.target_regions}
-    if policy.urgent or first_deploy or all(regions.get(r) == current for w in waves for r in w):
-        allowed = {r: current for w in waves for r in w}
-        why = "urgent change: every region at once" if policy.urgent else \
-            "first deploy (or every region already runs it): every region at once" if first_deploy else \
-            "every region already may run it"
+    targets = ep.target_regions
+    waves = waves_for(policy, targets)
+    statuses = {r: s for r, s in ep.region_status.items() if r in targets}
+    failed = state.failed if state is not None else ()
+    seq = (state.seq if state is not None else 0) + 1
+    if state is None:
+        if not policy.urgent and any(not s.revision and s.state in RUNNING_STATES for s in statuses.values()):
+            return None
+        # the first wave may already run the new revision (it takes it before anything is recorded)
+        base = {r: s.revision for r, s in statuses.items() if s.revision and not (waves and r in waves[0])}
+        first = not any(s.revision and s.revision != current for s in statuses.values())
+    else:
+        base = {r: rev for r, rev in state.regions.items() if r in targets}
+        first = False
+    everywhere = {r: current for r in targets}
+    if policy.urgent or first or all(base.get(r) == current for r in targets):
+        why = ("urgent: every region at once" if policy.urgent else
+               "first deploy (or every region already runs it): every region at once" if first else
+               "every region already may run it")
         return RolloutState(revision=current, phase="complete", wave=len(waves), wave_started=_iso(now),
-                            regions=allowed, base=base, specs={current: dict(spec)},
-                            failed=state.failed if state else (), seq=(state.seq if state else 0) + 1,
-                            message=why, updated_at=_iso(now))
+                            started=_iso(now), regions=everywhere, base=base, specs={current: dict(spec)},
+                            failed=failed, seq=seq, message=why, updated_at=_iso(now),
+                            waves=tuple(waves), bakes=tuple(bakes_for(policy, targets)))
+    regions = dict(base)
     for r in waves[0]:
         regions[r] = current
     specs = {rev: state.specs[rev] for rev in set(base.values()) if state is not None and rev in state.specs}
     specs[current] = dict(spec)
-    return RolloutState(revision=current, phase="progressing", wave=0, wave_started=_iso(now), regions=regions,
-                        base=base, specs=specs, failed=state.failed if state else (),
-                        seq=(state.seq if state else 0) + 1, message=f"wave 1 of {len(waves)}: {', '.join(waves[0])}",
-                        updated_at=_iso(now))
+    return RolloutState(revision=current, phase="progressing", wave=0, wave_started=_iso(now), started=_iso(now),
+                        regions=regions, base=base, specs=specs, failed=failed, seq=seq,
+                        message=f"wave 1 of {len(waves)}: {', '.join(waves[0])}", updated_at=_iso(now),
+                        waves=tuple(waves), bakes=tuple(bakes_for(policy, targets)),
+                        unhealthy={r: _iso(now) for r in waves[0]})
 
 
 def step(ep: Endpoint, policy: RolloutPolicy, state: RolloutState | None, spec: Mapping[str, Any],
@@ -334,22 +394,31 @@ def step(ep: Endpoint, policy: RolloutPolicy, state: RolloutState | None, spec: 
     return taken
 
 
-MAX_STEPS_AT_ONCE = 4
+MAX_STEPS_AT_ONCE = 8
+
+
+def recorded_waves(state: RolloutState, policy: RolloutPolicy, targets: Iterable[str]) -> tuple[list[tuple[str, ...]], list[int]]:
+    """The rollout's waves (as recorded when it started) over today's targets, and their bake times.
+    A wave whose regions are no longer targeted stays, empty, so ``state.wave`` keeps its meaning."""
+    targets = list(targets)
+    if not state.waves:
+        return waves_for(policy, targets), bakes_for(policy, targets)
+    return [tuple(r for r in w if r in targets) for w in state.waves], list(state.bakes)
 
 
 def due(ep: Endpoint, policy: RolloutPolicy, state: RolloutState | None) -> float | None:
-    """When this rollout's gate can next change with nothing else happening: the bake time ends or
-    the unready limit passes (epoch seconds; None: not progressing)."""
-    if state is None or state.phase != "progressing" or state.revision != spec_revision(ep):
+    """When this rollout's gate can next change with nothing else happening: a bake time ends or an
+    unready limit passes (epoch seconds; None: not progressing)."""
+    if state is None or state.phase != "progressing" or state.held or state.revision != spec_revision(ep):
         return None
-    bakes = bakes_for(policy, ep.target_regions)
-    if state.wave >= len(bakes):
+    waves, bakes = recorded_waves(state, policy, ep.target_regions)
+    if state.wave >= len(waves):
         return None
+    times = [t + policy.unready_limit_seconds for t in (_parse_iso(v) for v in state.unhealthy.values()) if t is not None]
     healthy = _parse_iso(state.healthy_since)
     if healthy is not None:
-        return healthy + bakes[state.wave]
-    started = _parse_iso(state.wave_started)
-    return None if started is None else started + policy.unready_limit_seconds
+        times.append(healthy + bakes[state.wave])
+    return min(times) if times else None
 
 
 def _step(ep: Endpoint, policy: RolloutPolicy, state: RolloutState | None, spec: Mapping[str, Any],
@@ -357,48 +426,72 @@ def _step(ep: Endpoint, policy: RolloutPolicy, state: RolloutState | None, spec:
     if ep.desired_state == "deleted":
         return Step()
     current = spec_revision(ep)
+    targets = ep.target_regions
     if state is None or state.revision != current:
         new = start(ep, policy, state, spec, now)
+        if new is None:
+            return Step()
         return Step(new, "completed" if new.phase == "complete" else "started")
-    waves = waves_for(policy, ep.target_regions)
+    everywhere = {r: current for r in targets}
+    if policy.urgent and state.phase != "complete":
+        return Step(_with(state, now, phase="complete", regions=everywhere, unhealthy={}, healthy_since=None,
+                          held=False, message="urgent: every region at once"), "completed")
     if state.phase == "complete":
-        missing = {r: current for w in waves for r in w if state.regions.get(r) != current}
-        if missing and not any(state.regions.get(r) for r in missing):  # newly targeted regions
-            return Step(_with(state, now, regions={**state.regions, **missing}), "recorded")
+        if dict(state.regions) != everywhere:  # targets changed: they run what passed every wave
+            return Step(_with(state, now, regions=everywhere), "recorded")
         return Step()
     if state.phase != "progressing":
         return Step()
+    if ep.desired_state == "stopped":
+        if state.held:
+            return Step()
+        return Step(_with(state, now, held=True, healthy_since=None, unhealthy={},
+                          message=f"wave {state.wave + 1} held: the endpoint is stopped"), "held")
+    waves, bakes = recorded_waves(state, policy, targets)
+    if state.held:
+        fresh = {r: _iso(now) for r in waves[state.wave]} if state.wave < len(waves) else {}
+        return Step(_with(state, now, held=False, wave_started=_iso(now), healthy_since=None, unhealthy=fresh,
+                          message=f"wave {state.wave + 1} goes on: the endpoint runs again"), "resumed")
     if state.wave >= len(waves):
         return Step(_with(state, now, phase="complete", message="every wave passed"), "completed")
-    wave = waves[state.wave]
-    health = {r: region_health(ep, ep.status_in(r), current) for r in wave}
-    started = _time(state.wave_started, now)
+    wave = set(waves[state.wave])
+    started = _parse_iso(state.started or state.wave_started)
+    judged = {r for r in targets if state.regions.get(r) == current} | wave
+    health = {r: region_health(ep, ep.status_in(r), current, started) for r in sorted(judged)}
+    unhealthy = {r: since for r, since in state.unhealthy.items() if r in judged and health.get(r) != "healthy"}
+    for r, h in health.items():
+        if h != "healthy" and r not in unhealthy:
+            unhealthy[r] = _iso(now)
     bad = [r for r, h in health.items() if h == "withdrawn"]
-    slow = [r for r, h in health.items() if h != "healthy" and now - started >= policy.unready_limit_seconds]
+    slow = [r for r, since in sorted(unhealthy.items())
+            if now - _time(since, now) >= policy.unready_limit_seconds]
     if bad or slow:
         why = (f"{', '.join(bad)}: Ingress withdrawn by the watchdog on revision {current}" if bad else
-               f"{', '.join(slow)}: not healthy on revision {current} after {policy.unready_limit_seconds}s")
+               f"{', '.join(slow)}: not healthy on revision {current} for {policy.unready_limit_seconds}s")
         return Step(rollback(state, now, "failed", f"rolled back: {why}"), "failed")
-    if any(h != "healthy" for h in health.values()):
+    changes: dict[str, Any] = {"unhealthy": unhealthy} if unhealthy != dict(state.unhealthy) else {}
+    if any(h != "healthy" for h in health.values()):  # the wave, and every wave before it
         if state.healthy_since is not None:
-            return Step(_with(state, now, healthy_since=None), "unhealthy")
-        return Step()
-    if state.healthy_since is None:
-        return Step(_with(state, now, healthy_since=_iso(now)), "healthy")
-    baked = now - _time(state.healthy_since, now) >= bakes_for(policy, ep.target_regions)[state.wave]
+            changes["healthy_since"] = None
+        return Step(_with(state, now, **changes), "unhealthy") if changes else Step()
+    if wave and state.healthy_since is None:
+        return Step(_with(state, now, healthy_since=_iso(now), **changes), "healthy")
+    baked = not wave or now - _time(state.healthy_since, now) >= bakes[state.wave]
     if not baked and state.approved != state.wave:
-        return Step()
-    return Step(advance(state, waves, now), "advanced")
+        return Step(_with(state, now, **changes), "unhealthy" if unhealthy else "baking") if changes else Step()
+    return Step(advance(replace(state, **changes), waves, now), "advanced")
 
 
 def advance(state: RolloutState, waves: list[tuple[str, ...]], now: float) -> RolloutState:
     """The next wave may run the revision (or the rollout is complete)."""
     nxt = state.wave + 1
     if nxt >= len(waves):
-        return _with(state, now, wave=nxt, phase="complete", healthy_since=None, message="every wave passed")
+        return _with(state, now, wave=nxt, phase="complete", healthy_since=None, unhealthy={},
+                     message="every wave passed")
     regions = {**state.regions, **{r: state.revision for r in waves[nxt]}}
-    return _with(state, now, wave=nxt, regions=regions, wave_started=_iso(now), healthy_since=None,
-                 message=f"wave {nxt + 1} of {len(waves)}: {', '.join(waves[nxt])}")
+    unhealthy = {**state.unhealthy, **{r: _iso(now) for r in waves[nxt]}}
+    return _with(state, now, wave=nxt, regions=regions, wave_started=_iso(now), healthy_since=None, unhealthy=unhealthy,
+                 message=f"wave {nxt + 1} of {len(waves)}: {', '.join(waves[nxt]) or '(no region targeted)'}")
 
 
 def rollback(state: RolloutState, now: float, phase: str, message: str) -> RolloutState:
@@ -419,7 +512,8 @@ def rollback(state: RolloutState, now: float, phase: str, message: str) -> Rollo
     failed = tuple(f for f in state.failed if f != state.revision)[-(MAX_FAILED - 1):] + (state.revision,)
     if unknown:
         message += f"; {', '.join(unknown)} keep it: the revision they ran before is not known"
-    return _with(state, now, phase=phase, regions=regions, failed=failed, healthy_since=None, message=message)
+    return _with(state, now, phase=phase, regions=regions, failed=failed, healthy_since=None, unhealthy={},
+                 held=False, message=message)
 
 
 def describe(ep: Endpoint, policy: RolloutPolicy | None, state: RolloutState | None) -> str:
@@ -429,7 +523,7 @@ def describe(ep: Endpoint, policy: RolloutPolicy | None, state: RolloutState | N
     current = spec_revision(ep)
     if state is None or state.revision != current:
         return f"{current} pending"
-    waves = waves_for(policy, ep.target_regions)
+    waves, _ = recorded_waves(state, policy, ep.target_regions)
     where = f"wave {min(state.wave + 1, len(waves))}/{len(waves)}" if state.phase in ("progressing", "paused") else ""
     return " ".join(p for p in (current, state.phase, where) if p)
 

@@ -373,12 +373,19 @@ class EndpointStore:
             ConditionExpression="attribute_exists(endpoint_name) AND #rs.#r = :e",
         )
 
-    def write_rollout(self, name: str, value: Mapping[str, Any], *, expected_seq: int | None) -> bool:
+    def write_rollout(self, name: str, value: Mapping[str, Any], *, expected_seq: int | None,
+                      force: bool = False) -> bool:
         """Replace the record's ``rollout`` if its ``seq`` is still ``expected_seq`` (None: there is none).
 
         Never creates an item. Two health jobs (or a job and a person's ``gco-infra rollout``) that
-        read the same state cannot both move it on: the second write's condition fails.
+        read the same state cannot both move it on: the second write's condition fails. ``force``:
+        whatever it holds (``gco-infra rollout abort --reset``, for a value nobody can read).
         """
+        if force:
+            return self._update(Key={"endpoint_name": name}, UpdateExpression="SET #ro = :v",
+                                ExpressionAttributeNames={"#ro": "rollout"},
+                                ExpressionAttributeValues={":v": _dynamo(dict(value))},
+                                ConditionExpression="attribute_exists(endpoint_name)")
         if expected_seq is None:
             cond = "attribute_exists(endpoint_name) AND attribute_not_exists(#ro)"
             values = {":v": _dynamo(dict(value))}
@@ -392,13 +399,20 @@ class EndpointStore:
                             ExpressionAttributeNames=names, ExpressionAttributeValues=values,
                             ConditionExpression=cond)
 
-    def clear_rollout(self, name: str) -> bool:
-        """Remove the record's ``rollout`` whatever it holds (``gco-infra rollout abort --reset``): the
-        way out of a value nobody can read, whose ``seq`` a conditional write cannot name. Never
-        creates an item; False when the endpoint does not exist."""
+    def clear_rollout(self, name: str, *, expected_seq: int | None = None) -> bool:
+        """Remove the record's ``rollout``: if its ``seq`` is still ``expected_seq`` (the health job, for a
+        record under no policy), or whatever it holds when None. Never creates an item; False when the
+        condition failed or the endpoint does not exist."""
+        names = {"#ro": "rollout"}
+        cond = "attribute_exists(endpoint_name)"
+        values = None
+        if expected_seq is not None:
+            names["#seq"] = "seq"
+            cond += " AND #ro.#seq = :e"
+            values = {":e": expected_seq}
         return self._update(Key={"endpoint_name": name}, UpdateExpression="REMOVE #ro",
-                            ExpressionAttributeNames={"#ro": "rollout"},
-                            ConditionExpression="attribute_exists(endpoint_name)")
+                            ExpressionAttributeNames=names, ConditionExpression=cond,
+                            **({"ExpressionAttributeValues": values} if values else {}))
 
     def set_desired_state(self, name: str, new: str, *, expected: str) -> bool:
         """Change desired_state only if it is still ``expected`` (a concurrent stop or delete wins)."""

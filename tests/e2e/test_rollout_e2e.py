@@ -131,8 +131,8 @@ def test_good_rollout_goes_wave_by_wave_and_respects_bake_time(env, tick, kube1,
 
     make_ready(kube1, "roll-good")
     healthy_on(env, hjobs, "roll-good", "local-1", r2)
-    until(lambda: (health(hjobs), state(env, "roll-good").healthy_since)[1], "the bake timer to start")
-    baking_from = time.time()
+    since = until(lambda: (health(hjobs), state(env, "roll-good").healthy_since)[1], "the bake timer to start")
+    baking_from = rollout._parse_iso(since)  # the table's clock: the bake counts from there
     # While it bakes, wave 2 keeps the old revision however often the runner ticks.
     while time.time() - baking_from < BAKE - 1.5:
         health(hjobs)

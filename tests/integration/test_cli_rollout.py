@@ -216,7 +216,7 @@ def test_unknown_endpoint_and_no_rollout_yet(table):
     assert "none recorded yet" in result.stdout
 
 
-def test_abort_reset_removes_an_unreadable_rollout(table):
+def test_abort_reset_replaces_an_unreadable_rollout_with_a_stopped_one(table):
     put(table, {**record("img:1"), "rollout": {"revision": "abc", "phase": "sideways"}})
     status = invoke("rollout", "status", NAME)
     assert status.exit_code == 1
@@ -228,9 +228,14 @@ def test_abort_reset_removes_an_unreadable_rollout(table):
     result = invoke("rollout", "abort", NAME, "--reset")
     assert result.exit_code == 0, result.output
     item = table.get(NAME)
-    assert "rollout" not in item and item["spec"]["image"] == "img:1"
+    state, problem = rollout.read_state(item)
+    assert problem is None and item["spec"]["image"] == "img:1"
+    current = spec_revision(parse_endpoint(item).endpoint)
+    # nothing moves: no region is allowed anything, the current revision is not tried again
+    assert (state.revision, state.phase, dict(state.regions), state.failed) == (current, "aborted", {}, (current,))
+    assert "reset by" in state.message
     again = invoke("rollout", "abort", NAME, "--reset")
-    assert again.exit_code == 0 and "nothing to remove" in again.output
+    assert again.exit_code == 0 and rollout.read_state(table.get(NAME))[0].seq == state.seq + 1
 
 
 def test_endpoints_list_shows_running_revisions_and_the_rollout(progressing):

@@ -175,6 +175,7 @@ def test_wait_ends_when_the_watch_cache_sees_a_change():
     import time
 
     job = _job()
+    job.rollouts_active = True  # a rollout's gate is waiting on readiness
     threading.Timer(0.2, job._objects.changed.set).start()
     started = time.monotonic()
     job.wait(30.0, min_gap=0.0)

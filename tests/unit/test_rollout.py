@@ -116,7 +116,7 @@ def test_recorded_rollout_decides_and_kept_specs_come_from_the_table():
     assert failed.regions["r1"] == r_old and r_new in failed.failed
     it = item(image="img:2", state=failed)
     assert declared(it, "r1", kept_image="img:2").spec.image == "img:1"
-    assert declared(it, "r3") is None  # failed: not even a region where nothing runs takes it
+    assert declared(it, "r3").spec.image == "img:1"  # failed: a region where nothing runs gets a good revision
 
 
 def test_urgent_goes_everywhere_and_stop_is_never_held_back():
@@ -166,7 +166,8 @@ def test_good_rollout_goes_wave_by_wave_after_its_bake_time():
     state = run(statuses, it, state, 1080.0).state
     assert state.wave == 1 and state.regions == {"r1": r_new, "r2": r_new, "r3": r_new}
     statuses["r2"] = healthy(r_new)
-    assert run(statuses, it, state, 1090.0).state is None  # r3 not yet
+    state = run(statuses, it, state, 1090.0).state  # r3 not yet: only r2's timer is dropped
+    assert state.wave == 1 and set(state.unhealthy) == {"r3"} and state.healthy_since is None
     statuses["r3"] = healthy(r_new)
     state = run(statuses, it, state, 1100.0).state
     state = run(statuses, it, state, 1160.0).state
@@ -187,8 +188,13 @@ def test_withdrawn_ingress_fails_the_wave_and_rolls_back():
     r_old, r_new = spec_revision(old), spec_revision(ep_of(it))
     state = rollout.RolloutState(revision=r_new, regions={"r1": r_new, "r2": r_old, "r3": r_old},
                                  base={"r1": r_old, "r2": r_old, "r3": r_old},
-                                 specs={r_old: endpoint_to_item(old)["spec"]}, wave_started="1970-01-01T00:16:40Z", seq=2)
-    s = run({"r1": healthy(r_new, ingress="withdrawn", replicas_ready=0)}, it, state, 1001.0)
+                                 specs={r_old: endpoint_to_item(old)["spec"]}, wave_started="1970-01-01T00:16:40Z", seq=2,
+                                 started="1970-01-01T00:16:40Z", unhealthy={"r1": "1970-01-01T00:16:40Z"})
+    # withdrawn before the rollout (the old revision was dead): the new one has to come up first
+    dead_before = healthy(r_new, ingress="withdrawn", replicas_ready=0, unready_since="1970-01-01T00:10:00Z")
+    assert run({"r1": dead_before}, it, state, 1001.0).state is None
+    died = healthy(r_new, ingress="withdrawn", replicas_ready=0, unready_since="1970-01-01T00:16:45Z")
+    s = run({"r1": died}, it, state, 1001.0)
     assert s.event == "failed" and s.state.phase == "failed" and s.state.failed == (r_new,)
     assert s.state.regions == {"r1": r_old, "r2": r_old, "r3": r_old}
     assert "r1: Ingress withdrawn" in s.state.message
@@ -199,7 +205,7 @@ def test_a_region_unhealthy_past_the_limit_fails_and_one_without_a_known_base_is
     it = item(image="img:2")
     r_new = spec_revision(ep_of(it))
     state = rollout.RolloutState(revision=r_new, regions={"r1": r_new}, base={"r1": "unknown1"},
-                                 wave_started="1970-01-01T00:00:00Z", seq=2)
+                                 wave_started="1970-01-01T00:00:00Z", seq=2, unhealthy={"r1": "1970-01-01T00:00:00Z"})
     assert run({"r1": healthy("other")}, it, state, 299.0).state is None
     s = run({"r1": healthy("other")}, it, state, 300.0)
     assert s.event == "failed" and "r1: not healthy on revision" in s.state.message
@@ -308,5 +314,111 @@ def test_a_rollout_recorded_when_its_first_wave_already_runs_it_starts_baking_in
     s = run({"r1": healthy(r_new), "r2": healthy(r_old), "r3": healthy(r_old)}, it, done, 1000.0)
     assert s.state.seq == 8 and s.state.healthy_since == "1970-01-01T00:16:40Z" and s.state.wave == 0
     assert rollout.due(ep_of(it), ep_of(it).rollout_policy, s.state) == 1060.0
-    nothing = rollout.due(ep_of(it), ep_of(it).rollout_policy, replace(s.state, healthy_since=None))
-    assert nothing == 1000.0 + 300  # the unready limit, counted from the wave's start
+    assert s.state.unhealthy == {}
+    waiting = replace(s.state, healthy_since=None, unhealthy={"r1": "1970-01-01T00:16:40Z"})
+    assert rollout.due(ep_of(it), ep_of(it).rollout_policy, waiting) == 1000.0 + 300  # the unready limit
+
+
+def progressing(wave=1, **kw):
+    """A rollout of img:2 over r1 | r2, r3, in ``wave`` (from 0), recorded at t=1000."""
+    old, it = ep_of(item(image="img:1")), item(image="img:2")
+    r_old, r_new = spec_revision(old), spec_revision(ep_of(it))
+    regions = {"r1": r_new, "r2": r_new if wave else r_old, "r3": r_new if wave else r_old}
+    state = rollout.RolloutState(
+        revision=r_new, regions=regions, base={r: r_old for r in ("r1", "r2", "r3")},
+        specs={r_old: endpoint_to_item(old)["spec"], r_new: endpoint_to_item(ep_of(it))["spec"]},
+        wave=wave, wave_started="1970-01-01T00:16:40Z", started="1970-01-01T00:16:40Z", seq=5,
+        waves=(("r1",), ("r2", "r3")), bakes=(60, 60),
+        unhealthy={r: "1970-01-01T00:16:40Z" for r in (("r2", "r3") if wave else ("r1",))}, **kw)
+    return it, state, r_old, r_new
+
+
+def test_an_earlier_wave_that_dies_later_fails_the_rollout_everywhere():
+    it, state, r_old, r_new = progressing(wave=1)
+    died = healthy(r_new, ingress="withdrawn", replicas_ready=0, unready_since="1970-01-01T00:17:00Z")
+    s = run({"r1": died, "r2": healthy(r_new), "r3": healthy(r_new)}, it, state, 1100.0)
+    assert s.event == "failed" and "r1: Ingress withdrawn" in s.state.message
+    assert s.state.regions == {"r1": r_old, "r2": r_old, "r3": r_old}
+
+
+def test_a_blip_shorter_than_the_limit_is_not_a_failure_a_longer_one_is():
+    it, state, r_old, r_new = progressing(wave=1)
+    blip = healthy(r_new, replicas_ready=1, replicas_desired=3)  # the HPA scaled up: 1 of 3 ready
+    s = run({"r1": blip, "r2": healthy(r_new), "r3": healthy(r_new)}, it, state, 5000.0)
+    assert s.event in ("unhealthy", "healthy") and s.state.unhealthy == {"r1": "1970-01-01T01:23:20Z"}
+    assert run({"r1": blip, "r2": healthy(r_new), "r3": healthy(r_new)}, it, s.state, 5299.0).state is None
+    assert run({"r1": blip, "r2": healthy(r_new), "r3": healthy(r_new)}, it, s.state, 5300.0).event == "failed"
+
+
+def test_a_stopped_endpoint_holds_its_wave_and_its_timers_start_again_when_it_runs():
+    it, state, r_old, r_new = progressing(wave=0)
+    stopped = {**it, "desired_state": "stopped"}
+    statuses = {"r1": {"state": "stopped", "replicas_ready": 0, "replicas_desired": 0, "revision": r_new}}
+    s = run(statuses, stopped, state, 5000.0)
+    assert s.event == "held" and s.state.held and s.state.wave == 0
+    assert run(statuses, stopped, s.state, 90000.0).state is None  # never advances while stopped
+    again = run({"r1": healthy(r_new, replicas_ready=0, state="creating")}, it, s.state, 90000.0)
+    assert again.event in ("resumed", "unhealthy") and not again.state.held
+    assert again.state.wave_started == "1970-01-02T01:00:00Z" and again.state.phase == "progressing"
+
+
+def test_a_canary_that_is_not_ready_keeps_the_wave_unhealthy():
+    it, state, r_old, r_new = progressing(wave=0)
+    it = {**it, "spec": {**it["spec"], "canary": {"image": "img:c", "weight": 10}}}
+    r_new = spec_revision(ep_of(it))
+    state = replace(state, revision=r_new, regions={**state.regions, "r1": r_new})
+    dead_canary = healthy(r_new, canary_ready=0, canary_desired=1)
+    assert run({"r1": dead_canary}, it, state, 1010.0).state is None
+    s = run({"r1": healthy(r_new, canary_ready=1, canary_desired=1)}, it, state, 1010.0)
+    assert s.event == "healthy"
+
+
+def test_urgent_midway_completes_everywhere_and_a_retargeted_region_gets_what_passed():
+    it, state, r_old, r_new = progressing(wave=0)
+    urgent = {**it, "rollout_policy": {**POLICY, "urgent": True}}
+    s = run({}, urgent, state, 1010.0)
+    assert s.event == "completed" and s.state.regions == {"r1": r_new, "r2": r_new, "r3": r_new}
+    done = replace(s.state, regions={"r1": r_new, "r2": r_new})  # r3 was untargeted, then targeted again
+    assert run({}, it, done, 1020.0).state.regions["r3"] == r_new
+
+
+def test_targets_edited_midway_never_move_the_wave_onto_other_regions():
+    it, state, r_old, r_new = progressing(wave=0)
+    narrowed = {**it, "target_regions": ["r2", "r3"]}  # wave 1's only region is no longer targeted
+    s = run({"r2": healthy(r_old), "r3": healthy(r_old)}, narrowed, state, 1010.0)
+    assert s.event == "advanced" and s.state.wave == 1 and s.state.regions["r2"] == r_new
+
+
+def test_a_state_without_seq_is_unreadable():
+    raw = rollout.state_to_item(rollout.RolloutState(revision="abc", seq=1))
+    del raw["seq"]
+    assert rollout.read_state({"rollout": raw}) == (None, "rollout.seq is missing (every write of the rollout sets it)")
+
+
+def test_a_policy_added_to_an_unchanged_spec_waits_for_revisions_then_completes():
+    it = item(image="img:1")
+    r1 = spec_revision(ep_of(it))
+    unannotated = {r: {"state": "running", "replicas_ready": 1, "replicas_desired": 1} for r in ("r1", "r2", "r3")}
+    assert run(unannotated, it, None, 1000.0).state is None
+    s = run({r: healthy(r1) for r in ("r1", "r2", "r3")}, it, None, 1010.0)
+    assert s.event == "completed" and s.state.phase == "complete"
+
+
+def test_stacks_reading_one_table_must_carry_the_same_default_policy(tmp_path):
+    from gco_infra.program import rollout_policy_disagreement
+
+    (tmp_path / "stacks").mkdir()
+
+    def stack(name, region, policy=None):
+        lines = ["config:", f"  gco:region: {region}", "  gco:kubeconfig: /nowhere", "  gco:table: t1",
+                 "  gco:tableRegion: us-east-1"]
+        if policy:
+            lines.append(f"  gco:rolloutPolicy: '{policy}'")
+        (tmp_path / "stacks" / f"Pulumi.{name}.yaml").write_text("\n".join(lines) + "\n")
+
+    stack("a", "r1", '{"waves": [["r1"], ["r2"]]}')
+    stack("b", "r2", '{"waves": [["r1"], ["r2"]]}')
+    assert rollout_policy_disagreement(tmp_path) is None
+    stack("c", "r3")
+    why = rollout_policy_disagreement(tmp_path)
+    assert why is not None and "set: a, b; unset: c" in why and "table t1" in why
