@@ -404,8 +404,11 @@ def test_a_policy_added_to_an_unchanged_spec_waits_for_revisions_then_completes(
     assert s.event == "completed" and s.state.phase == "complete"
 
 
-def test_stacks_reading_one_table_must_carry_the_same_default_policy(tmp_path):
+def test_stacks_reading_one_table_must_carry_the_same_default_policy(tmp_path, monkeypatch):
     from gco_infra.program import rollout_policy_disagreement
+
+    for var in ("GCO_TABLE", "GCO_DYNAMODB_ENDPOINT"):  # an engine operation in this process may have set them
+        monkeypatch.delenv(var, raising=False)
 
     (tmp_path / "stacks").mkdir()
 
