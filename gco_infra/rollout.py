@@ -542,11 +542,11 @@ def pause(state: RolloutState, now: float, who: str) -> RolloutState:
 
 
 def resume(state: RolloutState, now: float, who: str) -> RolloutState:
-    """The paused wave starts over: its unready limit and bake time count from now."""
+    """The paused wave starts over: its unready limits and bake time count from now."""
     if state.phase != "paused":
         raise SteerError(f"the rollout of {state.revision} is {state.phase}, not paused")
     return _with(state, now, phase="progressing", wave_started=_iso(now), healthy_since=None,
-                 message=f"resumed by {who}")
+                 unhealthy={r: _iso(now) for r in state.unhealthy}, message=f"resumed by {who}")
 
 
 def abort(state: RolloutState, now: float, who: str) -> RolloutState:

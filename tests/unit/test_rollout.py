@@ -425,3 +425,11 @@ def test_stacks_reading_one_table_must_carry_the_same_default_policy(tmp_path, m
     stack("c", "r3")
     why = rollout_policy_disagreement(tmp_path)
     assert why is not None and "set: a, b; unset: c" in why and "table t1" in why
+
+
+def test_a_rollout_paused_for_longer_than_the_unready_limit_is_not_failed_on_resume():
+    it, state, r_old, r_new = progressing(wave=0)
+    paused = rollout.pause(state, 1010, "ana")
+    resumed = rollout.resume(paused, 90000, "ana")
+    assert resumed.unhealthy == {"r1": "1970-01-02T01:00:00Z"}
+    assert run({"r1": healthy(r_old)}, it, resumed, 90010.0).state is None  # still coming up: not failed
