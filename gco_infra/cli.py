@@ -886,8 +886,9 @@ def known_regions(root: Path = PROJECT_ROOT) -> list[str]:
 @click.option("--stack", required=True, help="The regional stack whose cluster this job watches (region, namespaces, table).")
 @click.option("--once", is_flag=True, help="One tick, then exit (0 ok, 1 error, 75 not the leader).")
 @click.option("--interval", type=float, default=15.0, show_default=True,
-              help="Seconds between ticks at most: a tick comes sooner (at most one per 2 s) when the watch cache "
-                   "sees a Deployment or Ingress change, or when a rollout's bake time or unready limit ends.")
+              help="Seconds between ticks. While any endpoint is under a rollout policy, a tick comes sooner (at "
+                   "most one per 2 s) when the watch cache sees a Deployment or Ingress change, or when a rollout's "
+                   "bake time or unready limit ends.")
 @click.option("--threshold", type=float, default=300.0, show_default=True, envvar="GCO_UNREADY_THRESHOLD",
               help="Seconds with zero ready replicas before the endpoint's Ingress is withdrawn from the shared ALB.")
 @click.option("--lease-namespace", default="gco-system", show_default=True, help="Namespace of the leader-election Lease.")

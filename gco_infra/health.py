@@ -290,7 +290,7 @@ class HealthJob:
         self.due: float | None = None
         """When a rollout gate next comes due by time alone (epoch seconds; see rollout.due)."""
         self.rollouts_active = False
-        """Some rollout is under way (its gate judges readiness): ticks come sooner on changes."""
+        """Some endpoint is under a rollout policy (its gate judges readiness): ticks come sooner on changes."""
 
     def observe(self, report: HealthReport) -> dict[str, Observed]:
         """From the watch cache when it is ready and every stream is current (no request); otherwise
@@ -417,7 +417,7 @@ class HealthJob:
         end = start + seconds
         if self.due is not None:
             end = min(end, start + max(min_gap, self.due - self.clock() + 0.05))
-        cache = self._objects if self.rollouts_active else None  # otherwise --interval, as always
+        cache = self._objects if self.rollouts_active else None  # no policy anywhere: --interval, as always
         while (left := end - time.monotonic()) > 0:
             if cache is None:
                 time.sleep(left)
@@ -552,8 +552,7 @@ class HealthJob:
                 when = rollout.due(ep, policy, after)
                 if when is not None and (self.due is None or when < self.due):
                     self.due = when
-                if after is None or after.revision != rollout.spec_revision(ep) or after.phase == "progressing":
-                    self.rollouts_active = True
+                self.rollouts_active = True  # a change may start a rollout: its first wave is judged at once
             except RECORD_ERRORS as exc:
                 report.problems[ep.name] = f'endpoint "{ep.name}": rollout: {type(exc).__name__}: {exc}'[:500]
 
