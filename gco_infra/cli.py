@@ -229,12 +229,7 @@ def endpoints_apply(path: Path, namespaces: str) -> None:
 def endpoints_set_state(name: str, state: str) -> None:
     """Set NAME's desired_state (conditional on the value just read)."""
     store = _local_store()
-    try:
-        item = store.get(name)
-    except StoreError as exc:
-        raise TableUnreadable(exc, "nothing was changed") from exc
-    if item is None:
-        raise click.ClickException(f'endpoint "{name}" does not exist')
+    item = _read_record(store, name)
     try:
         if not store.set_desired_state(name, state, expected=item.get("desired_state")):
             raise click.ClickException(f'endpoint "{name}" changed while updating; try again')

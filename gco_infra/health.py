@@ -505,7 +505,6 @@ class HealthJob:
             except StoreError as exc:
                 report.problems[ep.name] = f'endpoint "{ep.name}": {exc}'[:500]
 
-
     def _rolled_out(self, record: Record, regions: list[str]) -> bool:
         """Under a rollout policy, every region runs the record's current revision (a region still held
         on an older one reports running too)."""
@@ -524,9 +523,9 @@ class HealthJob:
         self.due, self.rollouts_active = None, False
         for record in records:
             ep = record.endpoint
-            policy = rollout.policy_for(ep, self.rollout_policy) if ep is not None else None
             if ep is None:
                 continue
+            policy = rollout.policy_for(ep, self.rollout_policy)
             if policy is None:
                 if record.item.get(rollout.ATTRIBUTE) is not None and self._acting():
                     self._forget_rollout(record, report)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 
 from . import manifests as m
 from . import rollout
-from .endpoint import Endpoint, Validated, endpoint_to_item, parse_endpoint, record_name, spec_revision, validate_all
+from .endpoint import Validated, endpoint_to_item, record_name, spec_revision, validate_all
 from . import state
 from .program import StackSettings, owned, previous_records_from_outputs
 from .plan import PROJECT, endpoint_of_object
@@ -61,7 +61,7 @@ class RolloutPlan:
     reason: str
     """Why now or why later, in plain words."""
     declared: str | None = None
-    """The revision this preview declares here (None: nothing is declared)."""
+    """The revision this preview declares here."""
     urgent: bool = False
     phase: str | None = None
     """The phase of the health job's recorded rollout of this revision; None before it records one."""
@@ -111,12 +111,6 @@ def record_changes(settings: StackSettings, validated: Validated, outputs: Mappi
     return out
 
 
-def _applied_revision(ep: Endpoint, record: Mapping[str, Any]) -> str | None:
-    """The revision of the spec in a last applied record (None if it no longer validates)."""
-    parsed = parse_endpoint({**endpoint_to_item(ep), "spec": record.get("spec")}, allowed_namespaces=(ep.namespace,))
-    return spec_revision(parsed.endpoint) if parsed.endpoint is not None else None
-
-
 def rollout_plan(settings: StackSettings, validated: Validated, items: list[Mapping[str, Any]],
                  outputs: Mapping[str, Any] | None) -> dict[str, RolloutPlan]:
     """For each endpoint under a rollout policy whose spec revision differs from the one this stack
@@ -135,12 +129,12 @@ def rollout_plan(settings: StackSettings, validated: Validated, items: list[Mapp
             continue  # no waves: applied as without a policy
         current = spec_revision(ep)
         previous = applied.get(name)
-        before = _applied_revision(ep, previous) if previous is not None else None
+        applied_ep = rollout.spec_of(ep, previous) if previous is not None else None
+        before = spec_revision(applied_ep) if applied_ep is not None else None  # None: it no longer validates
         if previous is not None and before == current:
             continue
         recorded, problem = rollout.read_state(raw.get(name) or {})
-        view = rollout.declared_revision(ep, policy, recorded, region, previous, broken=problem is not None)
-        declared = view.revision if view is not None else None
+        declared = rollout.declared_revision(ep, policy, recorded, region, previous, broken=problem is not None).revision
         waves = rollout.waves_for(policy, ep.target_regions)
         bakes = rollout.bakes_for(policy, ep.target_regions)
         wave = next(i for i, w in enumerate(waves) if region in w)
@@ -155,7 +149,7 @@ def rollout_plan(settings: StackSettings, validated: Validated, items: list[Mapp
         elif problem is not None:
             reason = "the table's rollout state cannot be read: keeps the revision it runs"
         elif ours is not None and ours.phase in rollout.STOPPED_PHASES:
-            reason = f"the rollout {ours.phase}: " + ("keeps the revision it runs" if declared else "nothing declared")
+            reason = f"the rollout {ours.phase}: keeps the revision it runs"
         elif wave == 0:
             reason = "keeps the revision it runs"
         elif ours is not None and ours.phase == "paused":

@@ -247,7 +247,6 @@ def declared_revision(ep: Endpoint, policy: RolloutPolicy, state: RolloutState |
     what runs. ``broken``: the rollout state cannot be read, so the region keeps what it runs until
     someone fixes or resets it."""
     current = spec_revision(ep)
-    kept = _spec_of(ep, previous) if previous is not None else None
     if broken:
         allowed = None if previous is not None else current
     else:
@@ -256,9 +255,10 @@ def declared_revision(ep: Endpoint, policy: RolloutPolicy, state: RolloutState |
         return replace(ep, revision=current)
     stored = state.specs.get(allowed) if state is not None and allowed is not None else None
     if stored is not None:
-        spec_ep = _spec_of(ep, {"spec": stored})
+        spec_ep = spec_of(ep, {"spec": stored})
         if spec_ep is not None:
             return replace(ep, spec=spec_ep.spec, revision=allowed)
+    kept = spec_of(ep, previous) if previous is not None else None  # parsed only when the region keeps it
     if kept is not None:
         return replace(ep, spec=kept.spec, revision=spec_revision(kept))
     if previous is not None:
@@ -268,13 +268,13 @@ def declared_revision(ep: Endpoint, policy: RolloutPolicy, state: RolloutState |
     if state is not None and state.revision == current and state.phase in STOPPED_PHASES:
         # Nothing runs here and the revision failed elsewhere: a good revision the table holds, if any.
         for good in sorted(set(state.base.values())):
-            spec_ep = _spec_of(ep, {"spec": state.specs[good]}) if good in state.specs else None
+            spec_ep = spec_of(ep, {"spec": state.specs[good]}) if good in state.specs else None
             if spec_ep is not None:
                 return replace(ep, spec=spec_ep.spec, revision=good)
     return replace(ep, revision=current)
 
 
-def _spec_of(ep: Endpoint, record: Mapping[str, Any]) -> Endpoint | None:
+def spec_of(ep: Endpoint, record: Mapping[str, Any]) -> Endpoint | None:
     """``ep`` with ``record``'s spec, if that spec validates today."""
     item = {**endpoint_to_item(ep), "spec": record.get("spec")}
     parsed = parse_endpoint(item, allowed_namespaces=(ep.namespace,))

@@ -186,6 +186,14 @@ def test_bad_image_in_wave_one_never_reaches_wave_two_and_rolls_back(env, tick, 
     assert env.store().get("roll-bad")["spec"]["image"] == "example.com/org/broken:2"  # the record is never rewritten
 
 
+def changed(env, tick, hjobs, name, img):
+    """A new image in the record: the runner applies it (to wave 1), the health jobs record the rollout."""
+    put(env, name, img)
+    tick()
+    health(hjobs)
+    return revision_of(env, name)
+
+
 def steer(env, name, fn):
     before = state(env, name)
     assert env.store().write_rollout(name, rollout.state_to_item(fn(before, time.time(), "test")), expected_seq=before.seq)
@@ -194,10 +202,7 @@ def steer(env, name, fn):
 
 def test_pause_resume_and_abort(env, tick, kube1, kube2):
     hjobs, r1 = deployed(env, tick, kube1, kube2, "roll-steer", "example.com/org/server:1")
-    put(env, "roll-steer", "example.com/org/server:2")
-    r2 = revision_of(env, "roll-steer")
-    tick()
-    health(hjobs)
+    r2 = changed(env, tick, hjobs, "roll-steer", "example.com/org/server:2")
     assert steer(env, "roll-steer", rollout.pause).phase == "paused"
     make_ready(kube1, "roll-steer")
     healthy_on(env, hjobs, "roll-steer", "local-1", r2)
@@ -219,10 +224,7 @@ def test_pause_resume_and_abort(env, tick, kube1, kube2):
 
 def test_record_edited_during_a_rollout_starts_over_and_a_restarted_job_goes_on(env, tick, kube1, kube2):
     hjobs, r1 = deployed(env, tick, kube1, kube2, "roll-edit", "example.com/org/server:1")
-    put(env, "roll-edit", "example.com/org/server:2")
-    r2 = revision_of(env, "roll-edit")
-    tick()
-    health(hjobs)
+    r2 = changed(env, tick, hjobs, "roll-edit", "example.com/org/server:2")
     assert state(env, "roll-edit").revision == r2
     put(env, "roll-edit", "example.com/org/server:3")
     r3 = revision_of(env, "roll-edit")
@@ -247,11 +249,8 @@ def test_record_edited_during_a_rollout_starts_over_and_a_restarted_job_goes_on(
 
 def test_two_health_jobs_race_on_one_gate_and_one_step_is_taken(env, tick, kube1, kube2):
     hjobs, r1 = deployed(env, tick, kube1, kube2, "roll-race", "example.com/org/server:1")
-    put(env, "roll-race", "example.com/org/server:2")
-    tick()
-    health(hjobs)
+    r2 = changed(env, tick, hjobs, "roll-race", "example.com/org/server:2")
     make_ready(kube1, "roll-race")
-    r2 = revision_of(env, "roll-race")
     healthy_on(env, hjobs, "roll-race", "local-1", r2)
     until(lambda: (health(hjobs), state(env, "roll-race").healthy_since)[1], "the bake timer to start")
     time.sleep(BAKE + 0.5)
