@@ -363,6 +363,9 @@ class Declared:
     endpoints: dict[str, InferenceEndpoint] = field(default_factory=dict)
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     invalid: dict[str, list[str]] = field(default_factory=dict)
+    exported: dict[str, Any] = field(default_factory=dict)
+    """The stack outputs as exported, plain (records as their JSON text): what `pulumi stack output
+    --show-secrets` reads back after a successful update (the runner keeps these instead)."""
 
 
 def replicas_mode(applied: Mapping[str, Any] | None) -> str:
@@ -413,8 +416,9 @@ def declare(settings: StackSettings, items: list[Mapping[str, Any]],
         result.outputs[ep.name] = {
             "state": state, "namespace": ep.namespace, "fingerprint": fp,
             "objects": {role: f'{o["kind"]}/{o["metadata"]["name"]}' for role, o in objects.items()},
-            # The record as applied, so a later invalid edit can keep this declaration.
-            "record": pulumi.Output.secret(json.dumps(endpoint_to_item(ep), sort_keys=True)),
+            # The record as applied, so a later invalid edit can keep this declaration (a secret
+            # output: export() marks it).
+            "record": json.dumps(endpoint_to_item(ep), sort_keys=True),
         }
 
     for ep in validated.endpoints.values():
@@ -460,19 +464,26 @@ def kept_outputs(previous_endpoints: Mapping[str, Any], declared: Declared,
     for name, out in previous_endpoints.items():
         if name in only or not isinstance(out, Mapping):
             continue
-        kept = dict(out)
-        if isinstance(kept.get("record"), str):
-            kept["record"] = pulumi.Output.secret(kept["record"])
-        merged[name] = kept
+        merged[name] = dict(out)
     merged.update(declared.outputs)
     return dict(sorted(merged.items()))
 
 
-def export(settings: StackSettings, declared: Declared, endpoints: Mapping[str, Any] | None = None) -> None:
-    pulumi.export("region", settings.region)
-    pulumi.export("declarationVersion", m.DECLARATION_VERSION)
-    pulumi.export("endpoints", declared.outputs if endpoints is None else endpoints)
-    pulumi.export("invalid", declared.invalid)
+def secret_records(endpoints: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``endpoints`` output as the state keeps it: each applied record is a secret (it may carry
+    credentials in its env)."""
+    return {name: {**out, "record": pulumi.Output.secret(out["record"])}
+            if isinstance(out, Mapping) and isinstance(out.get("record"), str) else out
+            for name, out in endpoints.items()}
+
+
+def export(settings: StackSettings, declared: Declared, endpoints: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Export the stack outputs; returns them plain (records as text), as the state will hold them."""
+    values = {"region": settings.region, "declarationVersion": m.DECLARATION_VERSION,
+              "endpoints": dict(declared.outputs if endpoints is None else endpoints), "invalid": declared.invalid}
+    for key, value in values.items():
+        pulumi.export(key, secret_records(value) if key == "endpoints" else value)
+    return values
 
 
 def main(items: list[Mapping[str, Any]] | None = None,
@@ -513,5 +524,5 @@ def main(items: list[Mapping[str, Any]] | None = None,
     declared = declare(settings, items, previous or (lambda: previous_records_from_outputs(outputs_now())),
                        provider, only, applied)
     endpoints = None if only is None else kept_outputs(previous_endpoints or {}, declared, only)
-    export(settings, declared, endpoints)
+    declared.exported = export(settings, declared, endpoints)
     return declared

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
+from gco_infra import state as state_backend
 from gco_infra.localenv import stop_pid
 from gco_infra.runner import EXIT_LOCKED
 from gco_infra.store import StoreError
@@ -41,6 +42,9 @@ def test_single_change_among_many_touches_only_that_endpoint(env, tick, runner, 
     exported = runner.states["local"].outputs["endpoints"]
     assert set(names) <= set(exported)
     assert exported["many-4"]["fingerprint"] and "record" in exported["many-4"]
+    # The runner keeps what the program exported instead of reading the state back: the same values.
+    in_state = {k: v.value for k, v in state_backend.workspace(runner.env).stack_outputs("local").items()}
+    assert runner.states["local"].outputs == in_state
     full = next(r for r in tick(force_full=True) if r.region == "local-1")
     assert (full.action, full.created, full.updated, full.deleted, full.failed) == ("full", 0, 0, 0, 0), full.summary()
     assert {n: kube1.deployment(n).metadata.resource_version for n in names if n != "many-5"} == \

@@ -12,7 +12,8 @@ from gco_infra.drift import Drift
 from gco_infra.endpoint import validate_all
 from gco_infra.plan import Plan, RunnerOptions, plan_stack, targets_for
 from gco_infra.program import StackSettings
-from gco_infra.runner import REPAIR_LIMIT, Operation, Runner, ours, sweep_batch
+from gco_infra.runner import (REPAIR_LIMIT, Operation, Runner, answered_by_the_operation, ours, quiet_sdk_debug,
+                              sweep_batch)
 
 REGION = "us-east-1"
 S = StackSettings(stack="us-east-1", region=REGION)
@@ -201,3 +202,54 @@ def test_background_work_waits_behind_changes_only_for_a_while():
     assert not r._deferred(sweep, now=100.0 + BACKGROUND_WAIT)  # waited long enough: queues with changes
     assert r._may_start(sweep, deferred=r._deferred(sweep, now=100.0 + BACKGROUND_WAIT))
     assert not r._deferred(change, now=0.0)
+
+
+# ---- an operation's own answers instead of reading the state back --------------------------------
+
+
+class _Stack:
+    """Stands in for automation.Stack: up() asks outputs() and info() afterwards, as the SDK's does."""
+
+    def __init__(self) -> None:
+        self.state_reads = 0
+
+    def outputs(self):
+        self.state_reads += 1
+        return {"region": type("V", (), {"value": "from-state"})()}
+
+    def info(self, show_secrets=True):
+        self.state_reads += 1
+        return "history"
+
+    def up(self):
+        return self.outputs(), self.info(False)
+
+
+def test_an_update_answers_its_outputs_from_what_the_program_exported():
+    stack = _Stack()
+    captured = {"outputs": {"region": "r1", "endpoints": {"a": {"fingerprint": "f"}}}}
+    with answered_by_the_operation(stack, captured):
+        outputs, summary = stack.up()
+    assert stack.state_reads == 0
+    assert {k: v.value for k, v in outputs.items()} == captured["outputs"]
+    assert summary.result == "succeeded"
+    assert stack.outputs()["region"].value == "from-state" and stack.state_reads == 1  # restored afterwards
+
+
+def test_without_the_programs_exports_the_state_answers():
+    stack = _Stack()
+    with answered_by_the_operation(stack, {}):
+        outputs, _ = stack.up()
+    assert outputs["region"].value == "from-state" and stack.state_reads == 1
+
+
+def test_the_sdks_debug_messages_are_dropped_in_the_runners_processes(monkeypatch):
+    import pulumi.log
+
+    sent = []
+    monkeypatch.setattr(pulumi.log, "debug", lambda *a, **k: sent.append(a))
+    monkeypatch.setattr(pulumi.log, "warn", lambda *a, **k: sent.append(("warn",) + a))
+    quiet_sdk_debug()
+    pulumi.log.debug("registering resource: ty=kubernetes:apps/v1:Deployment")
+    pulumi.log.warn('endpoint "x": keeping the last applied declaration')
+    assert sent == [("warn", 'endpoint "x": keeping the last applied declaration')]
