@@ -86,8 +86,6 @@ class InferenceEndpoint(pulumi.ComponentResource):
                 elif args.replicas == "omit":
                     spec = {k: v for k, v in spec.items() if k != "replicas"}
             self.resources[role] = _KINDS[role](meta["name"], metadata=meta, spec=spec, opts=opts)
-        self.fingerprint = pulumi.Output.from_input(args.fingerprint)
-        self.state = pulumi.Output.from_input(args.state)
         self.register_outputs({
             "fingerprint": args.fingerprint, "state": args.state,
             "objects": {role: f'{obj["kind"]}/{obj["metadata"]["namespace"]}/{obj["metadata"]["name"]}'

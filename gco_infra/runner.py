@@ -45,10 +45,12 @@ lock_holder = state_backend.lock_holder
 _recover_file_backend = state_backend.recover_dead_locks
 
 
-def _clear_pending(stack_obj: Any, stack: str, log: Callable[[str], None]) -> bool:
+def _clear_pending(stack_obj: Any, stack: str, log: Callable[[str], None], env: Mapping[str, str]) -> bool:
     """Drop pending operations left by a killed update; the following refresh finds the truth."""
     from pulumi.automation import Deployment
 
+    if state_backend.pending_operations(stack, env) == 0:
+        return False
     dep = stack_obj.export_stack()
     pending = (dep.deployment or {}).get("pending_operations") or []
     if not pending:
@@ -175,7 +177,7 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
             _STACKS[key] = stack
         # Pending operations only exist after an interrupted update; full reconciles (the first
         # tick of a runner, and the tick after any failure) clear them.
-        if full and _clear_pending(stack, plan.stack, log):
+        if full and _clear_pending(stack, plan.stack, log, env):
             result.action = "full"
         kwargs: dict[str, Any] = dict(on_event=on_event, parallel=opts.pulumi_parallel, continue_on_error=True,
                                       suppress_progress=True, suppress_outputs=True, color="never")
@@ -272,7 +274,8 @@ def write_statuses(store: EndpointStore, region: str, updates: Mapping[str, Mapp
     for name, status in updates.items():
         item = items.get(name) or {}
         stored = stored_region_status(item, region)
-        if store.write_region_status(name, region, status, expected=stored):
+        if store.write_region_status(name, region, status, expected=stored,
+                                     map_exists=isinstance(item.get("region_status"), Mapping)):
             writes += 1
             statuses = item.get("region_status")
             items[name] = {**item, "region_status": {**(statuses if isinstance(statuses, Mapping) else {}),
@@ -329,6 +332,8 @@ class Runner:
         self._unreported: list[StackResult] = []
         self._waiting: dict[str, float] = {}
         """Stack -> since when it has had an operation to run that has not started (oldest first)."""
+        self._last_change: float | None = None
+        """time.monotonic() of the last tick that planned a change or a drift repair."""
         """Results not yet returned by a tick (kept when a tick raises)."""
         self._wakeup = threading.Event()
         self.drift: dict[str, Any] = {}
@@ -489,8 +494,13 @@ class Runner:
         results come with the first tick after they end, and their stacks are left out until then.
         An operation starts only when a worker is free for it, from what this tick read (a stack
         that must wait is planned again, from a fresh read, by a later tick); changes and drift
-        repairs go first, and full reconciles never take the last free worker.
+        repairs go first, and while changes are arriving (CHANGES_LATELY) full reconciles and sweeps
+        never take the last free worker. ``force_full``: every stack gets a full reconcile, in this tick
+        or, when no worker is free for it, in the next ones.
         """
+        if force_full:
+            for state in self.states.values():
+                state.last_full = 0.0
         items, generation = self.read_table()
         by_name = {i.get("endpoint_name"): i for i in items if isinstance(i, Mapping)}
         self._unreported += self._harvest(block=False, by_name=by_name)
@@ -553,7 +563,7 @@ class Runner:
                 applied = (state.outputs or {}).get("endpoints") or {}
                 if state.settings.region in drifted:
                     plan.drifted = self._drift_for(state.settings, plan, applied, now)
-                if now >= state.next_sweep and not plan.targeted:  # alone: a sweep never slows a change
+                if sweep_now(plan, now, state.next_sweep):
                     plan.swept = sweep_batch(plan, applied, state.sweep_cursor, self.opts.sweep_batch)
             planned.append((state, plan, validated))
         in_flight = [(op.state.settings, replace(op.plan, refused=None)) for op in self._inflight.values()]
@@ -578,11 +588,13 @@ class Runner:
                 continue
             work.append((state, plan, validated))
             self._waiting.setdefault(plan.stack, now)
+            if not background(plan):
+                self._last_change = now
         # Changes and repairs first, the stack that has waited longest first; full reconciles and
         # sweeps after them, and never on the last free worker.
         work.sort(key=lambda w: (self._deferred(w[1], now), self._waiting[w[1].stack]))
         for state, plan, validated in work:
-            if not self._may_start(plan, deferred=self._deferred(plan, now)):
+            if not self._may_start(plan, deferred=self._deferred(plan, now), now=now):
                 continue  # planned again by a later tick, from what the table says then
             self._waiting.pop(plan.stack, None)
             self._settle_drift(state.settings, plan)
@@ -607,16 +619,20 @@ class Runner:
         starve the backstop."""
         return background(plan) and now - self._waiting.get(plan.stack, now) < BACKGROUND_WAIT
 
-    def _may_start(self, plan: Plan, deferred: bool | None = None) -> bool:
+    def _may_start(self, plan: Plan, deferred: bool | None = None, now: float | None = None) -> bool:
         """Whether a worker is free for this operation now (always, when ticks wait for operations).
-        Deferred background work never takes the last free worker: it stays for changes and repairs."""
+        While changes are arriving (one planned within CHANGES_LATELY), deferred background work never
+        takes the last free worker: it stays for changes and repairs. Otherwise (a runner's first
+        full reconcile, a quiet spell) background work may use every worker."""
         if not self.opts.overlap:
             return True
         running = len(self._inflight)
         if running >= max(1, self.opts.parallel):
             return False
         deferred = background(plan) if deferred is None else deferred
-        return not (deferred and self.opts.parallel >= 2 and running >= self.opts.parallel - 1)
+        now = time.monotonic() if now is None else now
+        changing = self._last_change is not None and now - self._last_change < CHANGES_LATELY
+        return not (deferred and changing and self.opts.parallel >= 2 and running >= self.opts.parallel - 1)
 
     def _declared(self, state: StackState, items: list[dict[str, Any]], generation: Any) -> tuple[Validated, dict[str, str]]:
         namespaces = state.settings.allowed_namespaces
@@ -919,6 +935,15 @@ def background(plan: Plan) -> bool:
     return plan.full or not (plan.touched or plan.drifted)
 
 
+def sweep_now(plan: Plan, now: float, due: float) -> bool:
+    """Whether this tick's plan of a stack takes its next sweep batch (``due``: when the sweep fell due).
+
+    A due sweep goes alone, so it never slows a change. A stack whose endpoints change every few
+    seconds would then never be swept: once the sweep has been due for BACKGROUND_WAIT it joins the
+    stack's next change or repair instead, as background work that waited that long queues with them."""
+    return now >= due and (not plan.targeted or now - due >= BACKGROUND_WAIT)
+
+
 def sweep_batch(plan: Plan, applied: Mapping[str, Any], cursor: str, batch: int) -> list[str]:
     """The next endpoints of a stack's sweep: every applied endpoint in name order after ``cursor``
     (then from the start), ``batch`` at a time, without those the plan targets anyway."""
@@ -939,6 +964,8 @@ def describe(plan: Plan) -> str:
 
 
 BACKGROUND_WAIT = 300.0
+CHANGES_LATELY = 60.0
+"""Seconds after a change or repair was planned during which one worker is kept free for the next one."""
 """Seconds a full reconcile or a sweep waits behind changes before it queues with them."""
 REPAIR_LIMIT, REPAIR_WINDOW = 5, 600.0
 """Drift repairs of one endpoint within the window before the watch leaves it to the sweep."""

@@ -343,30 +343,35 @@ class EndpointStore:
                              **kwargs) is not None
 
     def write_region_status(self, name: str, region: str, status: Mapping[str, Any],
-                            expected: Mapping[str, Any] | None) -> bool:
+                            expected: Mapping[str, Any] | None, *, map_exists: bool = True) -> bool:
         """Replace ``region_status.<region>`` if it still equals ``expected`` (None: absent).
 
         Never creates an item: a purged endpoint stays purged. Returns False when the condition
-        failed (someone else wrote first); the caller re-reads on its next tick.
+        failed (someone else wrote first); the caller re-reads on its next tick. ``map_exists``: whether
+        the record as read had a ``region_status`` map (a new record has none); that write is tried
+        first, and the other one only when its condition fails.
         """
         key = {"endpoint_name": name}
         value = _dynamo(dict(status))
         names = {"#rs": "region_status", "#r": region}
         exists = Attr("endpoint_name").exists()
         if expected is None:
-            ok = self._update(
-                Key=key, UpdateExpression="SET #rs.#r = :s", ExpressionAttributeNames=names,
-                ExpressionAttributeValues={":s": value},
-                ConditionExpression="attribute_exists(endpoint_name) AND attribute_exists(#rs) AND attribute_not_exists(#rs.#r)",
-            )
-            if ok:
-                return True
-            # region_status itself may be missing: create the map, still never the item.
-            return self._update(
-                Key=key, UpdateExpression="SET #rs = :m", ExpressionAttributeNames={"#rs": "region_status"},
-                ExpressionAttributeValues={":m": {region: value}},
-                ConditionExpression=exists & Attr("region_status").not_exists(),
-            )
+            def in_map() -> bool:
+                return self._update(
+                    Key=key, UpdateExpression="SET #rs.#r = :s", ExpressionAttributeNames=names,
+                    ExpressionAttributeValues={":s": value},
+                    ConditionExpression="attribute_exists(endpoint_name) AND attribute_exists(#rs) "
+                                        "AND attribute_not_exists(#rs.#r)",
+                )
+
+            def new_map() -> bool:  # region_status itself is missing: create the map, still never the item
+                return self._update(
+                    Key=key, UpdateExpression="SET #rs = :m", ExpressionAttributeNames={"#rs": "region_status"},
+                    ExpressionAttributeValues={":m": {region: value}},
+                    ConditionExpression=exists & Attr("region_status").not_exists(),
+                )
+            first, second = (in_map, new_map) if map_exists else (new_map, in_map)
+            return first() or second()
         return self._update(
             Key=key, UpdateExpression="SET #rs.#r = :s", ExpressionAttributeNames=names,
             ExpressionAttributeValues={":s": value, ":e": _dynamo(dict(expected))},

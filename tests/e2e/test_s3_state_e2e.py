@@ -133,6 +133,7 @@ def test_two_runners_started_at_once_the_backend_lock_decides(env, s3, runner, t
     assert state.backend_for(env.pulumi_env()).locks(STACK) == []
     exported = json.loads(_pulumi(env, "stack", "export", "--stack", STACK))  # the checkpoint is intact
     assert not exported["deployment"].get("pending_operations")
+    assert state.pending_operations(STACK, env.pulumi_env()) == 0  # read from S3 as the engine's export says
     in_state = {r["urn"].rsplit("::", 1)[1] for r in exported["deployment"]["resources"]
                 if r["type"] == "kubernetes:apps/v1:Deployment" and r["urn"].rsplit("::", 1)[1].startswith("race-")}
     in_cluster = {n for n in names if kube1.deployment(n) is not None}

@@ -66,7 +66,21 @@ def test_region_status_write_is_conditional(store):
 
 def test_status_write_never_resurrects_a_purged_item(store):
     assert not store.write_region_status("gone", "us-east-1", {"state": "running"}, expected=None)
+    assert not store.write_region_status("gone", "us-east-1", {"state": "running"}, expected=None, map_exists=False)
     assert store.get("gone") is None
+
+
+def test_first_status_of_a_new_record_is_one_request_and_still_conditional(store):
+    store.put_desired(item("a"))
+    calls = store.calls
+    assert store.write_region_status("a", "us-east-1", {"state": "creating"}, expected=None, map_exists=False)
+    assert store.calls - calls == 1
+    # Read as new, but another region's writer created the map meanwhile: its status stays.
+    store.put_desired(item("b"))
+    assert store.write_region_status("b", "eu-west-1", {"state": "pending"}, expected=None, map_exists=False)
+    assert store.write_region_status("b", "us-east-1", {"state": "creating"}, expected=None, map_exists=False)
+    assert store.get("b")["region_status"] == {"eu-west-1": {"state": "pending"}, "us-east-1": {"state": "creating"}}
+    assert not store.write_region_status("b", "us-east-1", {"state": "error"}, expected=None, map_exists=False)
 
 
 def test_desired_state_update_is_conditioned_on_current_value(store):

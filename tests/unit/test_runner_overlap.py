@@ -12,8 +12,8 @@ from gco_infra.drift import Drift
 from gco_infra.endpoint import validate_all
 from gco_infra.plan import Plan, RunnerOptions, plan_stack, targets_for
 from gco_infra.program import StackSettings
-from gco_infra.runner import (REPAIR_LIMIT, Operation, Runner, answered_by_the_operation, ours, quiet_sdk_debug,
-                              sweep_batch)
+from gco_infra.runner import (BACKGROUND_WAIT, REPAIR_LIMIT, Operation, Runner, answered_by_the_operation, ours, quiet_sdk_debug,
+                              sweep_batch, sweep_now)
 
 REGION = "us-east-1"
 S = StackSettings(stack="us-east-1", region=REGION)
@@ -159,8 +159,9 @@ def test_without_checkpoints_the_engine_skips_them_and_with_them_it_does_not():
     assert "PULUMI_SKIP_CHECKPOINTS" not in with_them.env
 
 
-def test_a_full_reconcile_never_takes_the_last_free_worker():
+def test_while_changes_arrive_a_full_reconcile_never_takes_the_last_free_worker():
     r = runner(overlap=True, parallel=3)
+    r._last_change = time.monotonic()
     full = Plan(stack="x", region=REGION, desired={}, full=True)
     change = Plan(stack="y", region=REGION, desired={}, changed=["a"])
     assert r._may_start(full) and r._may_start(change)
@@ -173,6 +174,18 @@ def test_a_full_reconcile_never_takes_the_last_free_worker():
     assert not r._may_start(change)  # every worker busy: planned again by a later tick
     assert runner(overlap=True, parallel=1)._may_start(full)  # one worker: it must do everything
     assert runner(overlap=False, parallel=2)._may_start(full)  # ticks that wait start everything
+
+
+def test_with_no_change_lately_background_work_uses_every_worker():
+    from gco_infra.runner import CHANGES_LATELY
+
+    r = runner(overlap=True, parallel=2)
+    full = Plan(stack="x", region=REGION, desired={}, full=True, reason="first apply")
+    r._inflight["w"] = Operation(Future(), None, full, None, 0.0)
+    assert r._may_start(full, now=1000.0)  # a runner's first full reconcile: nothing to keep a worker for
+    r._last_change = 1000.0
+    assert not r._may_start(full, now=1000.0 + CHANGES_LATELY - 1)
+    assert r._may_start(full, now=1000.0 + CHANGES_LATELY)  # a quiet spell: every worker again
 
 
 def test_recent_removals_count_against_the_bound_across_ticks():
@@ -197,10 +210,12 @@ def test_background_work_waits_behind_changes_only_for_a_while():
     change = Plan(stack="y", region=REGION, desired={}, changed=["a"])
     r._inflight["y"] = Operation(Future(), None, change, None, 0.0)
     r._waiting["w"] = 100.0
-    assert r._deferred(sweep, now=100.0 + BACKGROUND_WAIT - 1)
-    assert not r._may_start(sweep, deferred=r._deferred(sweep, now=100.0 + BACKGROUND_WAIT - 1))
-    assert not r._deferred(sweep, now=100.0 + BACKGROUND_WAIT)  # waited long enough: queues with changes
-    assert r._may_start(sweep, deferred=r._deferred(sweep, now=100.0 + BACKGROUND_WAIT))
+    now = 100.0 + BACKGROUND_WAIT
+    r._last_change = now - 1  # changes keep arriving
+    assert r._deferred(sweep, now=now - 1)
+    assert not r._may_start(sweep, deferred=r._deferred(sweep, now=now - 1), now=now - 1)
+    assert not r._deferred(sweep, now=now)  # waited long enough: queues with changes
+    assert r._may_start(sweep, deferred=r._deferred(sweep, now=now), now=now)
     assert not r._deferred(change, now=0.0)
 
 
@@ -253,3 +268,15 @@ def test_the_sdks_debug_messages_are_dropped_in_the_runners_processes(monkeypatc
     pulumi.log.debug("registering resource: ty=kubernetes:apps/v1:Deployment")
     pulumi.log.warn('endpoint "x": keeping the last applied declaration')
     assert sent == [("warn", 'endpoint "x": keeping the last applied declaration')]
+
+
+def test_a_due_sweep_goes_alone_and_joins_a_change_once_it_has_waited_long_enough():
+    quiet = Plan(stack="w", region=REGION, desired={})
+    busy = Plan(stack="w", region=REGION, desired={}, changed=["a"])
+    assert not sweep_now(quiet, now=99.0, due=100.0)
+    assert sweep_now(quiet, now=100.0, due=100.0)
+    assert not sweep_now(busy, now=100.0, due=100.0)  # a sweep never slows a change...
+    assert not sweep_now(busy, now=100.0 + BACKGROUND_WAIT - 1, due=100.0)
+    assert sweep_now(busy, now=100.0 + BACKGROUND_WAIT, due=100.0)  # ...until churn would starve the backstop
+    drifted = Plan(stack="w", region=REGION, desired={}, drifted=["b"])
+    assert sweep_now(drifted, now=100.0 + BACKGROUND_WAIT, due=100.0)

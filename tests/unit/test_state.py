@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -107,3 +108,23 @@ def test_each_backend_gets_its_own_project_copy():
     a, b = state.project_dir("s3://one"), state.project_dir("s3://two")
     assert a != b and state.project_dir("s3://one") == a
     assert state.engine_env({"PULUMI_BACKEND_URL": "s3://two"})["TMPDIR"] == str(Path(b) / "tmp")
+
+
+def _checkpoint(root: Path, stack: str, latest, suffix: str = ".json") -> None:
+    base = root / ".pulumi" / "stacks" / state.PROJECT
+    base.mkdir(parents=True, exist_ok=True)
+    (base / f"{stack}{suffix}").write_text(json.dumps({"version": 3, "checkpoint": {"stack": stack, "latest": latest}}))
+
+
+def test_pending_operations_are_read_from_the_checkpoint_without_the_engine(tmp_path):
+    env = {"PULUMI_BACKEND_URL": f"file://{tmp_path}"}
+    assert state.pending_operations("never", env) == 0  # no checkpoint yet: nothing pending
+    _checkpoint(tmp_path, "clean", {"resources": [{"urn": "u"}]})
+    assert state.pending_operations("clean", env) == 0
+    _checkpoint(tmp_path, "killed", {"resources": [], "pending_operations": [{"type": "creating"}, {"type": "updating"}]})
+    assert state.pending_operations("killed", env) == 2
+    (tmp_path / ".pulumi" / "stacks" / state.PROJECT / "odd.json").write_text("{not json")
+    assert state.pending_operations("odd", env) is None  # unreadable: the engine's export decides
+    _checkpoint(tmp_path, "zipped", {"resources": []}, suffix=".json.gz")
+    assert state.pending_operations("zipped", env) is None
+    assert state.pending_operations("clean", {"PULUMI_BACKEND_URL": "https://api.pulumi.com"}) is None
