@@ -853,7 +853,7 @@ class Runner:
             stacks = [st for st in self.states.values() if st.settings.region == region]
             if (not self._orphan_check.get(region) or not watch.ready
                     or any(op.plan.region == region for op in self._inflight.values())
-                    or not all(st.outputs_loaded for st in stacks)):
+                    or not all(st.outputs_loaded and st.last_full for st in stacks)):  # every shard's full done
                 continue
             self._orphan_check[region] = False
             held = {n for st in stacks for n in ((st.outputs or {}).get("endpoints") or {})}
