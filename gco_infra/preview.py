@@ -23,7 +23,7 @@ from .endpoint import Validated, endpoint_to_item, record_name, spec_revision, v
 from . import state
 from .program import StackSettings, owned, previous_records_from_outputs
 from .plan import PROJECT, endpoint_of_object
-from .runner import _engine_message
+from .runner import _engine_message, quiet_sdk_debug
 
 COMMENT_LIMIT = 65_536
 """GitHub's limit on an issue comment, in characters."""
@@ -180,6 +180,7 @@ def preview_stack(settings: StackSettings, items: list[dict[str, Any]], env: Map
     started = time.monotonic()
     events: list[Any] = []
     os.environ.update(env)
+    quiet_sdk_debug()  # five debug events per resource, kept in ``events`` for nothing
     try:
         ws = state.workspace(env)  # the engine's private project copy (state.py), never the repository's
         outputs: dict[str, Any] = {}

@@ -67,8 +67,8 @@ def quiet_sdk_debug() -> None:
     The SDK sends about five per resource ("registering resource ...", "resource registration
     successful ..."), each a blocking RPC to the engine, which turns it into an event of the event log
     that the Automation API parses back here: 2,822 events for a 100-endpoint apply, against 800 for
-    the resources themselves. The runner never shows the debug channel (`pulumi up --debug` does, and
-    is unaffected: this runs only in the runner's processes)."""
+    the resources themselves. The runner and the preview never show the debug channel (`pulumi up
+    --debug` from a checkout does, and is unaffected: this runs only in their processes)."""
     import pulumi.log
 
     pulumi.log.debug = _no_debug

@@ -118,6 +118,14 @@ class Kube:
     def deployment(self, name, ns="gco-inference"):
         return self._get(self.apps.read_namespaced_deployment, name, ns)
 
+    def written(self, name, ns="gco-inference"):
+        """What our updates last wrote to a Deployment: its generation and the times of the Pulumi
+        provider's managedFields entries. Unlike the resourceVersion, the controllers' status writes
+        (which go on for a while after an apply) leave it alone."""
+        d = self.deployment(name, ns)
+        return (d.metadata.generation, sorted(str(f.time) for f in d.metadata.managed_fields or []
+                                              if (f.manager or "").startswith("pulumi-kubernetes")))
+
     def service(self, name, ns="gco-inference"):
         return self._get(self.core.read_namespaced_service, name, ns)
 

@@ -27,14 +27,14 @@ def test_single_change_among_many_touches_only_that_endpoint(env, tick, runner, 
     for n in names:
         put(env, n)
     tick()
-    versions = {n: kube1.deployment(n).metadata.resource_version for n in names}
+    versions = {n: kube1.written(n) for n in names}
     ops = runner.operations
     put(env, "many-5", env={"CHANGED": "yes"})
     results = tick()
     assert runner.operations - ops == 1
     r1 = next(r for r in results if r.region == "local-1")
     assert (r1.action, r1.changed, r1.updated) == ("targeted", 1, 1)
-    after = {n: kube1.deployment(n).metadata.resource_version for n in names}
+    after = {n: kube1.written(n) for n in names}
     assert [n for n in names if after[n] != versions[n]] == ["many-5"]
     assert {e.name: e.value for e in kube1.deployment("many-5").spec.template.spec.containers[0].env} == {"CHANGED": "yes"}
     # The targeted update declared only many-5; the state and the outputs still hold every endpoint,
@@ -47,7 +47,7 @@ def test_single_change_among_many_touches_only_that_endpoint(env, tick, runner, 
     assert runner.states["local"].outputs == in_state
     full = next(r for r in tick(force_full=True) if r.region == "local-1")
     assert (full.action, full.created, full.updated, full.deleted, full.failed) == ("full", 0, 0, 0, 0), full.summary()
-    assert {n: kube1.deployment(n).metadata.resource_version for n in names if n != "many-5"} == \
+    assert {n: kube1.written(n) for n in names if n != "many-5"} == \
         {n: v for n, v in versions.items() if n != "many-5"}
 
 

@@ -67,7 +67,7 @@ def test_sharded_region_applies_each_endpoint_in_its_own_shard_only(env, sharded
         assert all(kube.deployment(n, NAMESPACE) is not None for n in names)
         assert all((store.get(n)["region_status"]["local-1"])["state"] == "creating" for n in names)
 
-        versions = {n: kube.deployment(n, NAMESPACE).metadata.resource_version for n in names}
+        versions = {n: kube.written(n, NAMESPACE) for n in names}
         ops = runner.operations
         assert all(r.action == "none" for r in runner.tick())
         assert runner.operations == ops  # nothing changed: no Pulumi operation in any shard
@@ -78,7 +78,7 @@ def test_sharded_region_applies_each_endpoint_in_its_own_shard_only(env, sharded
         owner = f"sharded.shard-{shard_of('sh-4', SHARDS)}"
         assert (results[owner].action, results[owner].changed, results[owner].updated) == ("targeted", 1, 1)
         assert all(r.action == "none" for s, r in results.items() if s != owner)
-        after = {n: kube.deployment(n, NAMESPACE).metadata.resource_version for n in names}
+        after = {n: kube.written(n, NAMESPACE) for n in names}
         assert [n for n in names if after[n] != versions[n]] == ["sh-4"]
         env_vars = {e.name: e.value for e in kube.deployment("sh-4", NAMESPACE).spec.template.spec.containers[0].env}
         assert env_vars == {"CHANGED": "yes"}
@@ -92,7 +92,7 @@ def test_sharded_region_applies_each_endpoint_in_its_own_shard_only(env, sharded
         assert {r.action for r in refused} == {"refused"} and len(refused) == 2
         assert all("pulumi state move" in r.message for r in refused), refused[0].message
         assert resharded.operations == 0
-        assert {n: kube.deployment(n, NAMESPACE).metadata.resource_version for n in names} == after
+        assert {n: kube.written(n, NAMESPACE) for n in names} == after
     finally:
         resharded.close()
     # back to one stack: the region stack would apply everything the shard stacks still hold
