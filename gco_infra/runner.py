@@ -189,7 +189,9 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
                 # Refreshing just the targets sees what the health job or a person removed out of band.
                 up = stack.up(target=targets, refresh=True, **kwargs)
         result.operations += 1
-        counts = captured.pop("changes", {})
+        counts = captured.pop("changes", None)
+        if counts is None:  # the summary event did not reach us (the CLI only logs that): ask the history
+            counts = (type(stack).info(stack, False) or up.summary).resource_changes or {}
         result.created, result.updated, result.deleted = counts.get("create", 0), counts.get("update", 0) + counts.get("replace", 0), counts.get("delete", 0)
         result.outputs = {k: v.value for k, v in up.outputs.items()}
         handbacks = hpa_handbacks(plan, items, settings, outputs)
@@ -211,7 +213,10 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
             with answered_by_the_operation(stack, captured):
                 again = stack.up(target=targets_for(back, valid, settings, after), refresh=True, **kwargs)
             result.operations += 1
-            result.updated += captured.pop("changes", {}).get("update", 0)
+            again_counts = captured.pop("changes", None)
+            if again_counts is None:
+                again_counts = (type(stack).info(stack, False) or again.summary).resource_changes or {}
+            result.updated += again_counts.get("update", 0)
             result.outputs = {k: v.value for k, v in again.outputs.items()}
     except auto.ConcurrentUpdateError:
         result.action, result.message = "skipped", "stack is locked by another update; skipped this tick"
@@ -292,6 +297,9 @@ class StackState:
     outputs: dict[str, Any] | None = None
     outputs_loaded: bool = False
     last_full: float = 0.0
+    full_done: bool = False
+    """Whether the stack has had its full reconcile since the runner started (or since --full, or a dead
+    lock was removed); a failure does not undo it (last_full says when the next one is due)."""
     """When the last full reconcile started (0: the next tick runs one: a runner's first, after a failure)."""
     next_sweep: float = 0.0
     checked: float = 0.0
@@ -330,11 +338,11 @@ class Runner:
         self._inflight: dict[str, Operation] = {}
         """Operations running in the workers, by stack (with opts.overlap, across ticks)."""
         self._unreported: list[StackResult] = []
+        """Results not yet returned by a tick (kept when a tick raises)."""
         self._waiting: dict[str, float] = {}
         """Stack -> since when it has had an operation to run that has not started (oldest first)."""
         self._last_change: float | None = None
         """time.monotonic() of the last tick that planned a change or a drift repair."""
-        """Results not yet returned by a tick (kept when a tick raises)."""
         self._wakeup = threading.Event()
         self.drift: dict[str, Any] = {}
         """Drift watches by region name (drift.DriftWatch): endpoints whose objects someone else changed."""
@@ -429,6 +437,7 @@ class Runner:
         removed, remaining = state_backend.recover_dead_locks(state.settings.stack, self.env, self.progress)
         if removed:
             state.last_full = 0.0  # its pending operations are cleared by a full reconcile
+            state.full_done = False
             state.outputs_loaded = False
         for lock, holder, who in remaining:
             if holder == "unknown":
@@ -500,7 +509,7 @@ class Runner:
         """
         if force_full:
             for state in self.states.values():
-                state.last_full = 0.0
+                state.last_full, state.full_done = 0.0, False
         items, generation = self.read_table()
         by_name = {i.get("endpoint_name"): i for i in items if isinstance(i, Mapping)}
         self._unreported += self._harvest(block=False, by_name=by_name)
@@ -621,9 +630,9 @@ class Runner:
 
     def _may_start(self, plan: Plan, deferred: bool | None = None, now: float | None = None) -> bool:
         """Whether a worker is free for this operation now (always, when ticks wait for operations).
-        While changes are arriving (one planned within CHANGES_LATELY), deferred background work never
-        takes the last free worker: it stays for changes and repairs. Otherwise (a runner's first
-        full reconcile, a quiet spell) background work may use every worker."""
+        Deferred background work never takes the last free worker: it stays for changes and repairs.
+        The exception is a runner's start (or --full) with no change planned within CHANGES_LATELY:
+        until every stack has had that full reconcile, it may use every worker."""
         if not self.opts.overlap:
             return True
         running = len(self._inflight)
@@ -631,8 +640,10 @@ class Runner:
             return False
         deferred = background(plan) if deferred is None else deferred
         now = time.monotonic() if now is None else now
-        changing = self._last_change is not None and now - self._last_change < CHANGES_LATELY
-        return not (deferred and changing and self.opts.parallel >= 2 and running >= self.opts.parallel - 1)
+        starting = any(not st.full_done for st in self.states.values())
+        quiet = self._last_change is None or now - self._last_change >= CHANGES_LATELY
+        reserve = not (starting and quiet)
+        return not (deferred and reserve and self.opts.parallel >= 2 and running >= self.opts.parallel - 1)
 
     def _declared(self, state: StackState, items: list[dict[str, Any]], generation: Any) -> tuple[Validated, dict[str, str]]:
         namespaces = state.settings.allowed_namespaces
@@ -737,7 +748,7 @@ class Runner:
             state.outputs_loaded = False
         if res.action == "full":
             self._orphan_check[plan.region] = True
-            state.last_full = op.started
+            state.last_full, state.full_done = op.started, True
             state.next_sweep = op.started + self._sweep_period(state)
         if res.action == "failed":
             state.last_full = 0.0  # the next tick is a full reconcile: it clears what a failure left
@@ -853,7 +864,7 @@ class Runner:
             stacks = [st for st in self.states.values() if st.settings.region == region]
             if (not self._orphan_check.get(region) or not watch.ready
                     or any(op.plan.region == region for op in self._inflight.values())
-                    or not all(st.outputs_loaded and st.last_full for st in stacks)):  # every shard's full done
+                    or not all(st.outputs_loaded and st.full_done for st in stacks)):  # every shard's full done
                 continue
             self._orphan_check[region] = False
             held = {n for st in stacks for n in ((st.outputs or {}).get("endpoints") or {})}
@@ -964,9 +975,10 @@ def describe(plan: Plan) -> str:
 
 
 BACKGROUND_WAIT = 300.0
-CHANGES_LATELY = 60.0
-"""Seconds after a change or repair was planned during which one worker is kept free for the next one."""
 """Seconds a full reconcile or a sweep waits behind changes before it queues with them."""
+CHANGES_LATELY = 60.0
+"""While stacks still wait for the full reconcile of a runner's start (or of --full): seconds after a
+change or repair was planned during which one worker is kept free for the next one."""
 REPAIR_LIMIT, REPAIR_WINDOW = 5, 600.0
 """Drift repairs of one endpoint within the window before the watch leaves it to the sweep."""
 DRAIN_AFTER_INTERRUPT = 30.0

@@ -371,7 +371,7 @@ def pending_operations(stack: str, env: Mapping[str, str]) -> int | None:
     except Exception:  # noqa: BLE001 - unreadable here: the engine's export decides
         return None
     if not files:
-        return 0  # never written: nothing pending
+        return None  # not where this layout puts it (or never written): the engine's export decides
     if set(files) != {".json"}:
         return None
     try:

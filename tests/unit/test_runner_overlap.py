@@ -185,7 +185,11 @@ def test_with_no_change_lately_background_work_uses_every_worker():
     assert r._may_start(full, now=1000.0)  # a runner's first full reconcile: nothing to keep a worker for
     r._last_change = 1000.0
     assert not r._may_start(full, now=1000.0 + CHANGES_LATELY - 1)
-    assert r._may_start(full, now=1000.0 + CHANGES_LATELY)  # a quiet spell: every worker again
+    assert r._may_start(full, now=1000.0 + CHANGES_LATELY)  # quiet again, and stacks still wait for theirs
+    for state in r.states.values():
+        state.full_done = True
+    # After the start, a full after a failure or a sweep never takes the worker the next change needs.
+    assert not r._may_start(full, now=10**6)
 
 
 def test_recent_removals_count_against_the_bound_across_ticks():
