@@ -297,10 +297,10 @@ class StackState:
     outputs: dict[str, Any] | None = None
     outputs_loaded: bool = False
     last_full: float = 0.0
+    """When the last full reconcile started (0: the next tick runs one: a runner's first, after a failure)."""
     full_done: bool = False
     """Whether the stack has had its full reconcile since the runner started (or since --full, or a dead
     lock was removed); a failure does not undo it (last_full says when the next one is due)."""
-    """When the last full reconcile started (0: the next tick runs one: a runner's first, after a failure)."""
     next_sweep: float = 0.0
     checked: float = 0.0
     """When its locks and checkpoint were last checked (opts.check_every)."""
