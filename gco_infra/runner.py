@@ -154,10 +154,24 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
     only = None if full else set(plan.targeted)
     previous_endpoints = (outputs or {}).get("endpoints") or {}
 
-    def pulumi_program() -> None:
-        declared = program.main(items=items, previous=lambda: previous, settings=settings, only=only,
-                                previous_endpoints=previous_endpoints)
-        captured["outputs"] = json.loads(json.dumps(declared.exported))  # as the state will return them
+    def declaring(names: set[str] | None, applied: Mapping[str, Any]) -> Callable[[], None]:
+        """The inline program, declaring ``names`` (None: every endpoint) over the stack's ``applied``
+        endpoint outputs; it keeps what it exported for answered_by_the_operation."""
+        def run() -> None:
+            declared = program.main(items=items, previous=lambda: previous, settings=settings, only=names,
+                                    previous_endpoints=applied)
+            captured["outputs"] = json.loads(json.dumps(declared.exported))  # as the state will return them
+        return run
+
+    def changes(summary: Any) -> Mapping[str, int]:
+        """The change counts of the update that just ended: its summary event, or, should that not have
+        reached us (the CLI only logs it), the stack's history."""
+        counts = captured.pop("changes", None)
+        if counts is None:
+            counts = (type(stack).info(stack, False) or summary).resource_changes or {}
+        return counts
+
+    pulumi_program = declaring(only, previous_endpoints)
 
     try:
         os.environ.update(env)
@@ -189,9 +203,7 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
                 # Refreshing just the targets sees what the health job or a person removed out of band.
                 up = stack.up(target=targets, refresh=True, **kwargs)
         result.operations += 1
-        counts = captured.pop("changes", None)
-        if counts is None:  # the summary event did not reach us (the CLI only logs that): ask the history
-            counts = (type(stack).info(stack, False) or up.summary).resource_changes or {}
+        counts = changes(up.summary)
         result.created, result.updated, result.deleted = counts.get("create", 0), counts.get("update", 0) + counts.get("replace", 0), counts.get("delete", 0)
         result.outputs = {k: v.value for k, v in up.outputs.items()}
         handbacks = hpa_handbacks(plan, items, settings, outputs)
@@ -202,21 +214,12 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
             back = replace(plan, created=[], changed=handbacks, removed=[], full=False)
             valid = owned(validate_all(items, allowed_namespaces=settings.allowed_namespaces), settings)
             after = result.outputs or {}
-
-            def handback_program() -> None:
-                declared = program.main(items=items, previous=lambda: previous, settings=settings,
-                                        only=set(handbacks), previous_endpoints=after.get("endpoints") or {})
-                captured["outputs"] = json.loads(json.dumps(declared.exported))
-
-            kwargs["program"] = handback_program
+            kwargs["program"] = declaring(set(handbacks), after.get("endpoints") or {})
             captured.pop("outputs", None)
             with answered_by_the_operation(stack, captured):
                 again = stack.up(target=targets_for(back, valid, settings, after), refresh=True, **kwargs)
             result.operations += 1
-            again_counts = captured.pop("changes", None)
-            if again_counts is None:
-                again_counts = (type(stack).info(stack, False) or again.summary).resource_changes or {}
-            result.updated += again_counts.get("update", 0)
+            result.updated += changes(again.summary).get("update", 0)
             result.outputs = {k: v.value for k, v in again.outputs.items()}
     except auto.ConcurrentUpdateError:
         result.action, result.message = "skipped", "stack is locked by another update; skipped this tick"
@@ -503,8 +506,8 @@ class Runner:
         results come with the first tick after they end, and their stacks are left out until then.
         An operation starts only when a worker is free for it, from what this tick read (a stack
         that must wait is planned again, from a fresh read, by a later tick); changes and drift
-        repairs go first, and while changes are arriving (CHANGES_LATELY) full reconciles and sweeps
-        never take the last free worker. ``force_full``: every stack gets a full reconcile, in this tick
+        repairs go first, and full reconciles and sweeps never take the last free worker (but during a
+        runner's start while no change arrives; see _may_start). ``force_full``: every stack gets a full reconcile, in this tick
         or, when no worker is free for it, in the next ones.
         """
         if force_full:

@@ -268,8 +268,8 @@ class S3Backend:
     def checkpoint(self, stack: str) -> dict[str, bytes]:
         """The stack's checkpoint objects by suffix (none when the stack has never been written)."""
         base = f".pulumi/stacks/{PROJECT}/{stack}"
-        return {o["Key"][len(self.prefix) + len(base):]: self._read(o["Key"]) for o in self._list(base + ".json")
-                if o["Key"][len(self.prefix) + len(base):] in CHECKPOINT_SUFFIXES}
+        suffixes = {o["Key"]: o["Key"][len(self.prefix) + len(base):] for o in self._list(base + ".json")}
+        return {suffix: self._read(key) for key, suffix in suffixes.items() if suffix in CHECKPOINT_SUFFIXES}
 
 
 def _parse(read: Callable[[], bytes]) -> Mapping[str, Any] | None:
