@@ -70,6 +70,11 @@ class Plan:
     invalid: dict[str, tuple[str, ...]] = field(default_factory=dict)
     full: bool = False
     reason: str = ""
+    refresh_first: bool = False
+    """A full reconcile that refreshes every object and then updates only the endpoints that need it:
+    the touched ones and those whose objects the refresh found changed or deleted by someone else.
+    A runner's start does this; the first apply, a new declaration version, --full and the reconcile
+    after a failure declare every endpoint (``up --refresh``)."""
     refused: str | None = None
     applied: int = 0
     """How many endpoints the stack held before this plan."""

@@ -175,7 +175,7 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
 
     try:
         os.environ.update(env)
-        state_backend.recover_dead_locks(plan.stack, env, log)
+        unlocked, _ = state_backend.recover_dead_locks(plan.stack, env, log)
         key = (plan.stack, env.get("PULUMI_BACKEND_URL", ""), env.get("PULUMI_HOME", ""))
         stack = _STACKS.get(key)
         if stack is None:
@@ -191,21 +191,45 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
             _STACKS[key] = stack
         # Pending operations only exist after an interrupted update; full reconciles (the first
         # tick of a runner, and the tick after any failure) clear them.
-        if full and _clear_pending(stack, plan.stack, log, env):
-            result.action = "full"
+        cleared = full and _clear_pending(stack, plan.stack, log, env)
         kwargs: dict[str, Any] = dict(on_event=on_event, parallel=opts.pulumi_parallel, continue_on_error=True,
                                       suppress_progress=True, suppress_outputs=True, color="never")
         kwargs["program"] = pulumi_program
-        with answered_by_the_operation(stack, captured):
-            if full:
-                up = stack.up(refresh=True, **kwargs)
+        up: Any = None
+        if full and plan.refresh_first and not (unlocked or cleared):
+            # An interrupted update (a dead lock, pending operations) may have left what its state does
+            # not record: then every endpoint is declared, below.
+            with answered_by_the_operation(stack, captured):
+                found = refresh_all(stack, declaring(set(), previous_endpoints), on_event, opts, owners)
+            captured.pop("changes", None)
+            result.operations += 1
+            if found:
+                shown = ", ".join(f"{name} ({'; '.join(what)})" for name, what in sorted(found.items())[:5])
+                log(f"the refresh found objects of {len(found)} endpoint(s) changed or deleted by someone else: "
+                    f"{shown}{', ...' if len(found) > 5 else ''}; declaring them again")
+            work = replace(plan, full=False, refresh_first=False,
+                           drifted=sorted((set(plan.drifted) | set(found)) - set(plan.touched)))
+            if not work.targeted:  # nothing to update: the outputs stand as the program exported them
+                result.outputs = captured.pop("outputs", None) or dict(outputs or {})
             else:
-                # Refreshing just the targets sees what the health job or a person removed out of band.
-                up = stack.up(target=targets, refresh=True, **kwargs)
-        result.operations += 1
-        counts = changes(up.summary)
-        result.created, result.updated, result.deleted = counts.get("create", 0), counts.get("update", 0) + counts.get("replace", 0), counts.get("delete", 0)
-        result.outputs = {k: v.value for k, v in up.outputs.items()}
+                valid = owned(validate_all(items, allowed_namespaces=settings.allowed_namespaces), settings)
+                kwargs["program"] = declaring(set(work.targeted), previous_endpoints)
+                captured.pop("outputs", None)
+                with answered_by_the_operation(stack, captured):
+                    # no refresh: the one above has just read every object
+                    up = stack.up(target=targets_for(work, valid, settings, outputs), **kwargs)
+        else:
+            with answered_by_the_operation(stack, captured):
+                if full:
+                    up = stack.up(refresh=True, **kwargs)
+                else:
+                    # Refreshing just the targets sees what the health job or a person removed out of band.
+                    up = stack.up(target=targets, refresh=True, **kwargs)
+        if up is not None:
+            result.operations += 1
+            counts = changes(up.summary)
+            result.created, result.updated, result.deleted = counts.get("create", 0), counts.get("update", 0) + counts.get("replace", 0), counts.get("delete", 0)
+            result.outputs = {k: v.value for k, v in up.outputs.items()}
         handbacks = hpa_handbacks(plan, items, settings, outputs)
         if handbacks:
             # The HPA was deleted at the end of that update (deletes come last), so it may have
@@ -246,6 +270,35 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
         result.message = "; ".join(dict.fromkeys(diags[GENERAL]))[:1000]
     result.failed = len(result.endpoint_errors)
     return _finish(result, messages, started)
+
+
+def refresh_all(stack: Any, program: Callable[[], None], on_event: Callable[[Any], None], opts: RunnerOptions,
+                owners: Callable[[], Mapping[str, str]]) -> dict[str, list[str]]:
+    """Refresh every object of the stack; returns endpoint -> its objects the refresh found changed or
+    deleted by someone else.
+
+    The program runs (PULUMI_RUN_PROGRAM) only so that the refresh uses the provider it declares now,
+    with this process's credentials: it declares no endpoint and exports the outputs as they are. The
+    refresh keeps, of each object, the fields the stack declared, so a field another writer added
+    (a label, an annotation, the status) reads as unchanged, and one of ours that it changed as an
+    update; an object gone reads as a deletion."""
+    found: dict[str, list[str]] = {}
+
+    def seen(event: Any) -> None:
+        on_event(event)
+        meta = getattr(getattr(event, "res_outputs_event", None), "metadata", None)
+        if meta is None:
+            return
+        op = str(getattr(meta.op, "value", meta.op))
+        if op in ("same", "refresh", "read"):
+            return
+        name = endpoint_of_urn(meta.urn, owners)
+        if name is not None:
+            found.setdefault(name, []).append(f"{meta.urn.rpartition('::')[2]} {'deleted' if op == 'delete' else 'changed'}")
+
+    stack.refresh(program=program, run_program=True, on_event=seen, parallel=opts.pulumi_parallel,
+                  suppress_progress=True, suppress_outputs=True, color="never")
+    return found
 
 
 def _finish(result: StackResult, messages: list[str], started: float) -> StackResult:
@@ -311,6 +364,10 @@ class StackState:
     """The last endpoint the periodic sweep refreshed (it goes on after it, in name order)."""
     checkpoint: Any = None
     """_checkpoint_token when the outputs were last read or written by this runner."""
+    forced: bool = False
+    """A full reconcile was asked for (--full, tick(force_full=True)) and has not run yet."""
+    failed: bool = False
+    """The stack's last operation failed: its next full reconcile declares every endpoint."""
 
 
 class Runner:
@@ -512,7 +569,7 @@ class Runner:
         """
         if force_full:
             for state in self.states.values():
-                state.last_full, state.full_done = 0.0, False
+                state.last_full, state.full_done, state.forced = 0.0, False, True
         items, generation = self.read_table()
         by_name = {i.get("endpoint_name"): i for i in items if isinstance(i, Mapping)}
         self._unreported += self._harvest(block=False, by_name=by_name)
@@ -571,6 +628,7 @@ class Runner:
             validated, desired = self._declared(state, items, generation)
             plan = plan_stack(state.settings, validated, state.outputs, full_due=force_full or not state.last_full,
                               opts=self.opts, desired=desired, recently_removed=recent.get(state.settings.stack, 0))
+            plan.refresh_first = refresh_first(plan, forced=force_full or state.forced, failed=state.failed)
             if not plan.full:
                 applied = (state.outputs or {}).get("endpoints") or {}
                 if state.settings.region in drifted:
@@ -751,10 +809,11 @@ class Runner:
             state.outputs_loaded = False
         if res.action == "full":
             self._orphan_check[plan.region] = True
-            state.last_full, state.full_done = op.started, True
+            state.last_full, state.full_done, state.forced, state.failed = op.started, True, False, False
             state.next_sweep = op.started + self._sweep_period(state)
         if res.action == "failed":
             state.last_full = 0.0  # the next tick is a full reconcile: it clears what a failure left
+            state.failed = True  # and declares every endpoint: the state may not say what the failure left
         if res.action in ("skipped", "failed"):
             for name, drift in plan.drift_seen.items():  # not repaired: the next tick tries again
                 self._drifted.setdefault(plan.region, {}).setdefault(name, drift)
@@ -966,7 +1025,18 @@ def sweep_batch(plan: Plan, applied: Mapping[str, Any], cursor: str, batch: int)
     return ordered[:batch]
 
 
+def refresh_first(plan: Plan, *, forced: bool, failed: bool) -> bool:
+    """Whether a full reconcile refreshes first and updates only what needs it (Plan.refresh_first).
+
+    Only a runner's start: the first apply and a new declaration version change what every endpoint
+    declares, a person's --full asks for every endpoint to be declared, and after a failure the state
+    may not say what the engine did before it stopped."""
+    return plan.full and plan.reason == "full reconcile" and not forced and not failed
+
+
 def describe(plan: Plan) -> str:
+    if plan.refresh_first:
+        return f"full reconcile: refresh, then update what changed or drifted ({plan.reason})"
     if plan.full:
         return f"full up --refresh ({plan.reason})"
     parts = [f"{what} {', '.join(names)}" for what, names in (("changes to", plan.touched),

