@@ -142,6 +142,57 @@ def judge(before: frozenset[Path] | None, managed_fields: Sequence[Mapping[str, 
     return now, f"changed by {describe(writer)}"
 
 
+ObjectKey = tuple[str, str, str]
+"""(kind, namespace, name) of an object."""
+
+RECORDED_TYPES = {"kubernetes:apps/v1:Deployment": "Deployment", "kubernetes:core/v1:Service": "Service",
+                  "kubernetes:networking.k8s.io/v1:Ingress": "Ingress",
+                  "kubernetes:autoscaling/v2:HorizontalPodAutoscaler": "HorizontalPodAutoscaler"}
+
+
+def recorded_objects(resources: Iterable[Mapping[str, Any]]) -> dict[ObjectKey, tuple[str, frozenset[Path] | None]]:
+    """The objects a checkpoint holds (``export_stack().deployment["resources"]``), as its last
+    operation saw them: (kind, namespace, name) -> (endpoint, the fields our managers owned then).
+
+    The baseline against which a runner's start judges what happened while no runner watched. An
+    object whose metadata the state keeps secret has no readable baseline (None)."""
+    out: dict[ObjectKey, tuple[str, frozenset[Path] | None]] = {}
+    for res in resources:
+        kind = RECORDED_TYPES.get(str(res.get("type")))
+        outputs = res.get("outputs") if isinstance(res.get("outputs"), Mapping) else {}
+        meta = outputs.get("metadata")
+        name = str(res.get("urn", "")).rpartition("::")[2]
+        endpoint = str(res.get("parent", "")).rpartition("::")[2]
+        if kind is None or not endpoint:
+            continue
+        if not isinstance(meta, Mapping) or not isinstance(meta.get("managedFields"), list):
+            out[(kind, str(res.get("id", "")).partition("/")[0], name)] = (endpoint, None)
+            continue
+        out[(kind, str(meta.get("namespace") or ""), str(meta.get("name") or name))] = (
+            endpoint, owned_by_us(meta["managedFields"]))
+    return out
+
+
+def judge_since(recorded: Mapping[ObjectKey, tuple[str, frozenset[Path] | None]],
+                listed: Mapping[ObjectKey, Sequence[Mapping[str, Any]]], now: float) -> dict[str, Drift]:
+    """Endpoint -> the first drift of its recorded objects, judged from a list (object -> its
+    managedFields) against what the stack recorded: gone is deleted; a field our managers owned that
+    another writer took is a change (the HPA scaling excepted, as for the watch); an object without a
+    readable baseline counts as changed, so that its endpoint is refreshed."""
+    out: dict[str, Drift] = {}
+    for (kind, namespace, name), (endpoint, before) in sorted(recorded.items()):
+        managed = listed.get((kind, namespace, name))
+        if managed is None:
+            reason: str | None = "deleted"
+        elif before is None:
+            reason = "unknown (the state keeps its metadata secret)"
+        else:
+            reason = judge(before, managed)[1]
+        if reason:
+            out.setdefault(endpoint, Drift(kind, namespace, name, reason, now))
+    return out
+
+
 def parse_selector(selector: str) -> dict[str, str] | None:
     """``k=v,k2==v2`` as a dict; None for anything richer (then it cannot be checked here)."""
     out: dict[str, str] = {}
@@ -224,6 +275,8 @@ class DriftWatch:
         self._errors: dict[str, str] = {}
         self._streams = [_Stream(k, ns) for ns in dict.fromkeys(namespaces) for k in KINDS]
         self._drift: dict[str, Drift] = {}
+        self._first: dict[ObjectKey, list[Mapping[str, Any]]] | None = {}
+        """The managedFields of every object in the first lists, kept until forget_first_lists()."""
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -265,6 +318,18 @@ class DriftWatch:
             for name, endpoint, _ in dict(s.known).values():
                 out[(s.kind.kind, s.namespace, name)] = endpoint
         return out
+
+    def first_lists(self) -> dict[ObjectKey, list[Mapping[str, Any]]] | None:
+        """(kind, namespace, name) -> managedFields of every selected object as the first lists saw
+        it; None before every first list is done, or once forgotten. What changed after a first list
+        is the watch's to judge; what changed before it, a runner's start judges from this
+        (judge_since)."""
+        with self._lock:
+            return dict(self._first) if self._first is not None and self.ready else None
+
+    def forget_first_lists(self) -> None:
+        with self._lock:
+            self._first = None
 
     def take(self) -> dict[str, Drift]:
         """Endpoint name -> its first drift since the last take; clears them."""
@@ -324,11 +389,17 @@ class DriftWatch:
         """A list: the first one is the baseline; a later one (after 410) is judged against what was
         seen before it, and what vanished meanwhile was deleted."""
         seen: set[str] = set()
+        first = not s.listed
         for obj in body.get("items") or []:
-            uid = (obj.get("metadata") or {}).get("uid")
+            meta = obj.get("metadata") or {}
+            uid = meta.get("uid")
             if uid:
                 seen.add(uid)
                 self._observe(s, obj)
+                if first:
+                    with self._lock:
+                        if self._first is not None:
+                            self._first[(s.kind.kind, s.namespace, meta.get("name", ""))] = meta.get("managedFields") or []
         for uid in set(s.known) - seen:
             name, endpoint, _ = s.known.pop(uid)
             self._record(endpoint, Drift(s.kind.kind, s.namespace, name, "deleted", time.monotonic()))

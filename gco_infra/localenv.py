@@ -346,6 +346,8 @@ class LocalEnv:
             "GCO_TABLE": self.table,
             "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_REGION": LOCAL_AWS_REGION,
             "AWS_ENDPOINT_URL_S3": self.aws_endpoint, "AWS_ENDPOINT_URL_KMS": self.aws_endpoint,
+            # the provider's request rate, when set here (state.KUBE_CLIENT otherwise)
+            **{k: v for k, v in os.environ.items() if k.startswith("PULUMI_K8S_CLIENT_")},
         }
 
     # ---- status ----------------------------------------------------------------------------------------

@@ -14,7 +14,9 @@ from typing import Any, Mapping
 
 from .endpoint import Endpoint, Metric, serves_root_path
 
-# Bump when the declaration for an unchanged record changes, so every endpoint is re-applied.
+# Bump when the declaration for an unchanged record changes (objects, resource options, what is kept
+# secret), so every endpoint is re-applied: a runner's start declares again only the endpoints whose
+# fingerprint changed or whose objects someone else changed, and the fingerprint covers the objects alone.
 DECLARATION_VERSION = "2"
 
 SKIP_AWAIT = {"pulumi.com/skipAwait": "true"}

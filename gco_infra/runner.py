@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from . import state as state_backend
+from .drift import recorded_objects
 from .endpoint import Validated, region_status_problem, stored_region_status, validate_all
 from .program import ProgramError, StackSettings, as_declared, owned, previous_records_from_outputs, shard_settings
 from .store import EndpointStore, StoreError, TableCache
@@ -367,7 +368,12 @@ class StackState:
     forced: bool = False
     """A full reconcile was asked for (--full, tick(force_full=True)) and has not run yet."""
     failed: bool = False
-    """The stack's last operation failed: its next full reconcile declares every endpoint."""
+    """The stack's last operation failed, or a dead update's lock was removed: its next full
+    reconcile declares every endpoint."""
+    recorded: dict[Any, Any] | None = None
+    """drift.recorded_objects of the checkpoint as last read (a runner's start judges drift from it)."""
+    pending: int = 0
+    """Pending operations in the checkpoint as last read."""
 
 
 class Runner:
@@ -417,6 +423,7 @@ class Runner:
         self._orphan_check: dict[str, bool] = {}
         """Region -> look for objects no stack holds (after a full reconcile there)."""
         self.full_every_for: dict[str, float] = {}
+        self._watch_started = 0.0
         """Region -> its own full_every (a region without a drift watch sweeps more often)."""
 
     def close(self) -> None:
@@ -451,6 +458,8 @@ class Runner:
                     outputs = {k: v.value for k, v in ws.stack_outputs(state.settings.stack).items()}
                     deployment = ws.export_stack(state.settings.stack).deployment or {}
                     state.outputs = reconcile_outputs(outputs, held_endpoints(deployment))
+                    state.recorded = recorded_objects(deployment.get("resources") or [])
+                    state.pending = len(deployment.get("pending_operations") or [])
                     mismatch = state_backend.secrets_mismatch(state.settings.stack, deployment, self.env)
                     if mismatch:
                         self.progress(mismatch)
@@ -498,6 +507,7 @@ class Runner:
         if removed:
             state.last_full = 0.0  # its pending operations are cleared by a full reconcile
             state.full_done = False
+            state.failed = True  # that declares every endpoint: the dead update's state may not say what it did
             state.outputs_loaded = False
         for lock, holder, who in remaining:
             if holder == "unknown":
@@ -629,6 +639,10 @@ class Runner:
             plan = plan_stack(state.settings, validated, state.outputs, full_due=force_full or not state.last_full,
                               opts=self.opts, desired=desired, recently_removed=recent.get(state.settings.stack, 0))
             plan.refresh_first = refresh_first(plan, forced=force_full or state.forced, failed=state.failed)
+            if plan.refresh_first and state.settings.region in self.drift:
+                if not self._judged_by_the_watch(state, plan, now):
+                    if now - self._watch_started < WATCH_LIST_WAIT and not self.drift[state.settings.region].errors:
+                        continue  # its first lists are coming: they judge this start in a moment
             if not plan.full:
                 applied = (state.outputs or {}).get("endpoints") or {}
                 if state.settings.region in drifted:
@@ -811,6 +825,7 @@ class Runner:
             self._orphan_check[plan.region] = True
             state.last_full, state.full_done, state.forced, state.failed = op.started, True, False, False
             state.next_sweep = op.started + self._sweep_period(state)
+            self._forget_first_lists(plan.region)
         if res.action == "failed":
             state.last_full = 0.0  # the next tick is a full reconcile: it clears what a failure left
             state.failed = True  # and declares every endpoint: the state may not say what the failure left
@@ -901,6 +916,41 @@ class Runner:
                           "repairing it")
         return out
 
+    def _judged_by_the_watch(self, state: StackState, plan: Plan, now: float) -> bool:
+        """A runner's start judged from its drift watch's first lists instead of a refresh: each object
+        the stack recorded (its checkpoint) against the same object as listed (drift.judge_since).
+        The plan becomes the targeted repair of what drifted while no runner watched (often nothing).
+        False when the watch has not listed everything yet, or the checkpoint has pending operations."""
+        from .drift import judge_since
+
+        listed = self.drift[plan.region].first_lists()
+        if listed is None or state.recorded is None or state.pending:
+            return False
+        found = judge_since(state.recorded, listed, now)
+        applied = (state.outputs or {}).get("endpoints") or {}
+        drifted = sorted(n for n in found if n in applied and n in plan.desired and n not in plan.touched)
+        plan.full, plan.refresh_first, plan.reason = False, False, ""
+        plan.drifted = drifted
+        plan.drift_seen = {n: found[n] for n in drifted}
+        for name in drifted:
+            d = found[name]
+            self.progress(f"{plan.stack}: {name}: {d.kind} {d.namespace}/{d.name} {d.reason} while no runner watched; "
+                          "repairing it")
+        self.progress(f"{plan.stack}: full reconcile from the drift watch's lists: {len(state.recorded)} object(s) "
+                      f"judged against the checkpoint, {len(drifted)} endpoint(s) drifted")
+        state.last_full, state.full_done, state.forced = now, True, False
+        state.next_sweep = now + self._sweep_period(state)
+        self._orphan_check[plan.region] = True
+        self._forget_first_lists(plan.region)
+        return True
+
+    def _forget_first_lists(self, region: str) -> None:
+        """Once every stack of the region has had its start's full reconcile, nothing judges from the
+        watch's first lists any more: drop them (managedFields of every object)."""
+        watch = self.drift.get(region)
+        if watch is not None and all(st.full_done for st in self.states.values() if st.settings.region == region):
+            watch.forget_first_lists()
+
     def _settle_drift(self, settings: StackSettings, plan: Plan) -> None:
         """This stack's pending drift is handled by its plan (repaired by it, a full reconcile, or
         nothing to repair); a repair that fails puts it back (_complete)."""
@@ -956,6 +1006,7 @@ class Runner:
             watch = DriftWatch(api, settings.allowed_namespaces, on_change=self._wakeup.set)
             watch.start()
             self.drift[settings.region] = watch
+            self._watch_started = time.monotonic()
         return missing
 
     def watch_problems(self) -> dict[str, str]:
@@ -1052,6 +1103,9 @@ BACKGROUND_WAIT = 300.0
 CHANGES_LATELY = 60.0
 """While stacks still wait for the full reconcile of a runner's start (or of --full): seconds after a
 change or repair was planned during which one worker is kept free for the next one."""
+WATCH_LIST_WAIT = 30.0
+"""Seconds a runner's start waits for its drift watch's first lists (which judge it) before it
+refreshes every object instead."""
 REPAIR_LIMIT, REPAIR_WINDOW = 5, 600.0
 """Drift repairs of one endpoint within the window before the watch leaves it to the sweep."""
 DRAIN_AFTER_INTERRUPT = 30.0

@@ -186,9 +186,13 @@ def test_runner_killed_during_up_recovers_and_converges(env, runner, kube1):
     victim.wait(timeout=30)
     assert _lock_files(env, "local"), "the killed update left no lock: nothing to recover"
     recovering = make_runner(env, stacks=("local",))  # default options: nothing tuned for the test
+    said = []
+    recovering.progress = said.append
     try:
         first = recovering.tick()[0]
         assert first.action in ("full", "targeted", "none"), first.summary()
+        # the dead update's state may not say what it did: every endpoint is declared, not only what a refresh finds
+        assert "local: full up --refresh (full reconcile)" in said, said
         second = recovering.tick(force_full=True)[0]
         assert second.action == "full" and not second.failed, second.summary()
     finally:
@@ -297,3 +301,37 @@ def test_the_refresh_of_a_start_uses_the_provider_the_program_declares_now(env, 
         assert kube1.service("creds-0") is not None
     finally:
         ours.close()
+
+
+def test_a_runners_start_with_the_drift_watch_is_judged_from_its_first_lists(env, tick, runner, kube1):
+    names = [f"listed-{i}" for i in range(3)]
+    for n in names:
+        put(env, n)
+    tick()
+    before = {n: kube1.written(n) for n in names}
+    kube1.core.delete_namespaced_service("listed-1", "gco-inference")
+    kube1.apps.patch_namespaced_deployment("listed-2", "gco-inference", {"spec": {"template": {"spec": {
+        "containers": [{"name": "inference", "image": "example.com/someone-else:9"}]}}}})
+    fresh = make_runner(env, stacks=("local",))
+    said = []
+    fresh.progress = said.append
+    try:
+        fresh.watch_drift()
+        results = []
+        deadline = time.monotonic() + 120
+        while not fresh.states["local"].full_done and time.monotonic() < deadline:
+            results += fresh.tick()
+            time.sleep(0.1)
+        assert any(m.startswith("local: full reconcile from the drift watch's lists") for m in said), said
+        assert "local: listed-1: Service gco-inference/listed-1 deleted while no runner watched; repairing it" in said
+        assert any(m.startswith("local: listed-2: Deployment gco-inference/listed-2 changed by ") for m in said), said
+        assert not any("listed-0" in m for m in said)
+        # no refresh of every object: one targeted update of what drifted
+        assert fresh.operations == 1, [r.summary() for r in results]
+        assert [r.action for r in results if r.region == "local-1"] == ["targeted"]
+        assert kube1.service("listed-1") is not None
+        assert container(kube1.deployment("listed-2")).image == "example.com/org/server:1"
+        assert kube1.written("listed-0") == before["listed-0"]
+        assert fresh.drift["local-1"].first_lists() is None  # judged: the lists are dropped
+    finally:
+        fresh.close()

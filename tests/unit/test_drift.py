@@ -281,3 +281,70 @@ def test_watch_api_for(tmp_path, monkeypatch):
     assert api.configuration.host == "https://127.0.0.2:6443"
     assert api.configuration.connection_pool_maxsize >= 32
     api.close()
+
+
+# ---- a runner's start: what the checkpoint recorded against the first lists ---------------------------------
+
+def _resource(kind_type, name, endpoint, managed, ns="ns"):
+    return {"urn": f"urn:pulumi:s::gco-infra::gco:inference:Endpoint${kind_type}::{name}", "type": kind_type,
+            "id": f"{ns}/{name}", "parent": f"urn:pulumi:s::gco-infra::gco:inference:Endpoint::{endpoint}",
+            "outputs": {"metadata": {"name": name, "namespace": ns, "managedFields": managed}}}
+
+
+def test_the_checkpoint_records_each_objects_fields_as_the_last_operation_saw_them():
+    from gco_infra.drift import recorded_objects
+
+    resources = [
+        {"urn": "urn:pulumi:s::gco-infra::pulumi:pulumi:Stack::gco-infra-s", "type": "pulumi:pulumi:Stack"},
+        {"urn": "urn:pulumi:s::gco-infra::gco:inference:Endpoint::a", "type": "gco:inference:Endpoint",
+         "parent": "urn:pulumi:s::gco-infra::pulumi:pulumi:Stack::gco-infra-s"},
+        _resource("kubernetes:apps/v1:Deployment", "a", "a", [our_apply(), entry("kube-controller-manager", {})]),
+        _resource("kubernetes:networking.k8s.io/v1:Ingress", "inference-a", "a", [our_apply({"f:spec": {}})]),
+        {**_resource("kubernetes:core/v1:Service", "a", "a", []), "outputs": {"4dabf18193072939515e22adb298388d": "secret"}},
+    ]
+    recorded = recorded_objects(resources)
+    assert recorded == {("Deployment", "ns", "a"): ("a", owned_by_us([our_apply()])),
+                        ("Ingress", "ns", "inference-a"): ("a", frozenset({("f:spec",)})),
+                        ("Service", "ns", "a"): ("a", None)}
+
+
+def test_a_start_finds_what_changed_while_no_runner_watched():
+    from gco_infra.drift import judge_since
+
+    ours = owned_by_us([our_apply()])
+    recorded = {("Deployment", "ns", "edited"): ("edited", ours), ("Deployment", "ns", "gone"): ("gone", ours),
+                ("Deployment", "ns", "labelled"): ("labelled", ours), ("Deployment", "ns", "scaled"): ("scaled", ours),
+                ("Deployment", "ns", "secret"): ("secret", None), ("Deployment", "ns", "same"): ("same", ours)}
+    replicas_only = {"f:spec": {"f:replicas": {}}}
+    listed = {
+        ("Deployment", "ns", "edited"): [our_apply(without(DEPLOYMENT_FIELDS, IMAGE)),
+                                         entry("kubectl-edit", only(IMAGE), time=T1, operation="Update")],
+        ("Deployment", "ns", "labelled"): [our_apply(), entry("kubectl-label", {"f:metadata": {"f:labels": {"f:x": {}}}},
+                                                              time=T1, operation="Update")],
+        ("Deployment", "ns", "scaled"): [our_apply(without(DEPLOYMENT_FIELDS, REPLICAS)),
+                                         entry("kube-controller-manager", replicas_only, time=T1, operation="Update",
+                                               subresource="scale")],
+        ("Deployment", "ns", "secret"): [our_apply()],
+        ("Deployment", "ns", "same"): [our_apply(time=T2)],
+    }
+    found = judge_since(recorded, listed, 5.0)
+    assert {n: d.reason for n, d in found.items()} == {
+        "edited": "changed by kubectl-edit", "gone": "deleted",
+        "secret": "unknown (the state keeps its metadata secret)"}
+    assert (found["gone"].kind, found["gone"].namespace, found["gone"].name, found["gone"].seen) == ("Deployment", "ns", "gone", 5.0)
+
+
+def test_the_first_lists_are_kept_until_forgotten_and_later_lists_do_not_replace_them():
+    w = DriftWatch(None, ["ns"])
+    assert w.first_lists() is None  # nothing listed yet
+    streams = w._streams
+    for s in streams:
+        w._listed(s, {"metadata": {"resourceVersion": "1"},
+                      "items": [obj("a", "u1", [our_apply()])] if s.kind.kind == "Deployment" else []})
+    first = w.first_lists()
+    assert first == {("Deployment", "ns", "a"): [our_apply()]}
+    deployments = next(s for s in streams if s.kind.kind == "Deployment")
+    w._listed(deployments, {"metadata": {"resourceVersion": "2"}, "items": [obj("b", "u2", [our_apply()])]})
+    assert w.first_lists() == first
+    w.forget_first_lists()
+    assert w.first_lists() is None

@@ -284,3 +284,101 @@ def test_a_due_sweep_goes_alone_and_joins_a_change_once_it_has_waited_long_enoug
     assert sweep_now(busy, now=100.0 + BACKGROUND_WAIT, due=100.0)  # ...until churn would starve the backstop
     drifted = Plan(stack="w", region=REGION, desired={}, drifted=["b"])
     assert sweep_now(drifted, now=100.0 + BACKGROUND_WAIT, due=100.0)
+
+
+def test_only_a_runners_start_refreshes_first():
+    from gco_infra.runner import describe, refresh_first
+
+    start = Plan(stack="s", region=REGION, desired={}, full=True, reason="full reconcile")
+    assert refresh_first(start, forced=False, failed=False)
+    assert not refresh_first(start, forced=True, failed=False)  # --full: every endpoint declared
+    assert not refresh_first(start, forced=False, failed=True)  # the state may not say what a failure left
+    for reason in ("first apply", "declaration version changed"):
+        assert not refresh_first(replace(start, reason=reason), forced=False, failed=False)
+    assert not refresh_first(replace(start, full=False), forced=False, failed=False)
+    assert describe(replace(start, refresh_first=True)).startswith("full reconcile: refresh, then update")
+
+
+def test_a_failure_makes_the_next_full_reconcile_declare_every_endpoint_until_one_succeeds():
+    from gco_infra.plan import StackResult
+
+    r = runner()
+    state = r.states[S.stack]
+    plan = Plan(stack=S.stack, region=REGION, desired={}, full=True, reason="full reconcile")
+    op = Operation(Future(), state, plan, validate_all([]), 0.0)
+    r._complete(op, StackResult(stack=S.stack, region=REGION, action="failed"), None)
+    assert state.failed and state.last_full == 0.0
+    r._complete(op, StackResult(stack=S.stack, region=REGION, action="full", outputs={"endpoints": {}}), None)
+    assert not state.failed and not state.forced and state.full_done
+
+
+class _Event:
+    def __init__(self, op, urn):
+        from types import SimpleNamespace
+
+        self.res_outputs_event = SimpleNamespace(metadata=SimpleNamespace(op=op, urn=urn))
+
+
+def test_the_refresh_names_the_endpoints_whose_objects_changed_or_went():
+    from pulumi.automation import OpType
+
+    from gco_infra.plan import endpoint_urns
+    from gco_infra.runner import refresh_all
+
+    a = endpoint_urns("s", "a", {m.DEPLOYMENT: "a", m.SERVICE: "a", m.INGRESS: "inference-a"})
+    b = endpoint_urns("s", "b", {m.DEPLOYMENT: "b", m.SERVICE: "b"})
+    events = [_Event(OpType.UPDATE, "urn:pulumi:s::gco-infra::pulumi:pulumi:Stack::gco-infra-s"),  # the outputs
+              _Event(OpType.SAME, a[0]), _Event(OpType.SAME, a[1]), _Event(OpType.UPDATE, a[2]),
+              _Event(OpType.DELETE, a[3]), _Event(OpType.SAME, b[1]), _Event("same", b[2])]
+    seen, asked = [], {}
+
+    class Stack:
+        def refresh(self, **kw):
+            asked.update(kw)
+            for e in events:
+                kw["on_event"](e)
+
+    found = refresh_all(Stack(), lambda: None, seen.append, RunnerOptions(pulumi_parallel=7), lambda: {})
+    assert found == {"a": ["a changed", "inference-a deleted"]}
+    assert seen == events  # the operation's own handler sees every event too
+    assert asked["run_program"] is True and asked["parallel"] == 7
+
+
+class _Watch:
+    def __init__(self, lists):
+        self.lists, self.forgotten, self.errors = lists, False, {}
+
+    def first_lists(self):
+        return self.lists
+
+    def forget_first_lists(self):
+        self.forgotten = True
+
+
+def test_a_start_with_a_watch_is_judged_from_its_first_lists_and_repairs_only_what_drifted():
+    from gco_infra.drift import owned_by_us
+
+    items = [item("a"), item("b"), item("c", env={"NEW": "1"})]
+    r = runner()
+    state = r.states[S.stack]
+    state.outputs, state.outputs_loaded = outputs_for([item("a"), item("b"), item("c")]), True
+    ours = owned_by_us([{"manager": "pulumi-kubernetes-1", "operation": "Apply",
+                         "fieldsV1": {"f:spec": {"f:template": {}}}, "time": "2025-01-01T00:00:00Z"}])
+    state.recorded = {("Deployment", "gco-inference", n): (n, ours) for n in "abc"}
+    listed = {("Deployment", "gco-inference", n): [{"manager": "pulumi-kubernetes-1", "operation": "Apply",
+                                                     "fieldsV1": {"f:spec": {"f:template": {}}}}] for n in "ac"}
+    validated = validate_all(items)
+    plan = plan_stack(S, validated, state.outputs, full_due=True, opts=r.opts)
+    plan.refresh_first = True
+    r.drift[REGION] = _Watch(None)
+    assert not r._judged_by_the_watch(state, plan, 100.0) and plan.full  # lists not done: nothing decided
+    r.drift[REGION] = _Watch(listed)
+    state.pending = 1
+    assert not r._judged_by_the_watch(state, plan, 100.0) and plan.full  # pending operations: a refresh clears them
+    state.pending = 0
+    assert r._judged_by_the_watch(state, plan, 100.0)
+    # b's Deployment is gone; c changed in the table (a targeted update anyway); a is as recorded
+    assert (plan.full, plan.refresh_first, plan.changed, plan.drifted) == (False, False, ["c"], ["b"])
+    assert plan.drift_seen["b"].reason == "deleted"
+    assert state.full_done and state.last_full == 100.0 and r._orphan_check[REGION]
+    assert r.drift[REGION].forgotten  # the region's only stack: nothing judges from the lists any more
