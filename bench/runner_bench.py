@@ -54,6 +54,22 @@ def apiserver_requests(api: client.ApiClient) -> dict[str, int]:
     return verbs
 
 
+def settle(api: client.ApiClient, quiet: int = 25, every: float = 5.0, limit: float = 300.0) -> float:
+    """Wait until the cluster's controllers are done with what an apply started (fewer than ``quiet``
+    writes per ``every`` seconds at the API server), so that a restart is measured in a settled
+    cluster, as a runner restarts in production; returns the seconds waited."""
+    t0 = time.perf_counter()
+    writes = lambda: sum(c for v, c in apiserver_requests(api).items() if v in ("POST", "PUT", "PATCH", "DELETE"))  # noqa: E731
+    last = writes()
+    while time.perf_counter() - t0 < limit:
+        time.sleep(every)
+        now = writes()
+        if now - last < quiet:
+            break
+        last = now
+    return time.perf_counter() - t0
+
+
 def measure(n: int, progress, shards: int = 1, table_stream: bool = True, parallel: int = 1,
             checkpoints: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="gco-bench-") as tmp:
@@ -106,6 +122,7 @@ def measure(n: int, progress, shards: int = 1, table_stream: bool = True, parall
             live = time.perf_counter() - t0
             row["one-endpoint change"] = (live,) + row["one-endpoint change"][1:]
             runner.close()
+            progress(f"N={n}: the cluster settled {settle(api):.0f}s after the apply (its controllers create the pods)")
             # A runner's start: it refreshes every object, then updates what changed or drifted (nothing here).
             runner = Runner([s], store, env.pulumi_env(),
                             RunnerOptions(full_every=10**9, rescan_every=10**9, table_stream=table_stream,

@@ -15,7 +15,7 @@ import signal
 import time
 import traceback
 import threading
-from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -423,8 +423,11 @@ class Runner:
         self._orphan_check: dict[str, bool] = {}
         """Region -> look for objects no stack holds (after a full reconcile there)."""
         self.full_every_for: dict[str, float] = {}
-        self._watch_started = 0.0
         """Region -> its own full_every (a region without a drift watch sweeps more often)."""
+        self._watch_started = 0.0
+        """When watch_drift started the watches (a start waits WATCH_LIST_WAIT for their first lists)."""
+        self._stacks_listed: set[str] | None = None
+        """_existing_stacks of this tick."""
 
     def close(self) -> None:
         for watch in self.drift.values():
@@ -454,9 +457,11 @@ class Runner:
         for attempt in range(4):  # a checkpoint being rewritten by another update reads as EOF
             try:
                 state.checkpoint = self._checkpoint_token(state.settings.stack)
-                if state.settings.stack in {s.name for s in ws.list_stacks()}:
-                    outputs = {k: v.value for k, v in ws.stack_outputs(state.settings.stack).items()}
+                if state.settings.stack in self._existing_stacks(ws, fresh=attempt > 0):
                     deployment = ws.export_stack(state.settings.stack).deployment or {}
+                    outputs = state_backend.stack_outputs_of(deployment)
+                    if outputs is None:  # not readable from the checkpoint: ask the CLI
+                        outputs = {k: v.value for k, v in ws.stack_outputs(state.settings.stack).items()}
                     state.outputs = reconcile_outputs(outputs, held_endpoints(deployment))
                     state.recorded = recorded_objects(deployment.get("resources") or [])
                     state.pending = len(deployment.get("pending_operations") or [])
@@ -469,6 +474,31 @@ class Runner:
                 last = exc
                 time.sleep(0.5 * (attempt + 1))
         raise ProgramError(f"reading outputs of stack {state.settings.stack} failed: {_engine_message(str(last))}")
+
+    def _load_all(self, states: list[StackState]) -> list[ProgramError | None]:
+        """load_outputs of each stack, several at once (each read is a CLI process that loads and
+        decrypts a checkpoint: on a runner's start, one per shard); the error of each, or None."""
+        pending = [st for st in states if not st.outputs_loaded]
+
+        def load(state: StackState) -> ProgramError | None:
+            try:
+                self.load_outputs(state)
+            except ProgramError as exc:
+                return exc
+            return None
+
+        if len(pending) > 1:
+            self._existing_stacks(self._workspace())  # listed once, before the readers start
+            with ThreadPoolExecutor(max_workers=min(len(pending), max(2, self.opts.parallel))) as readers:
+                errors = dict(zip(map(id, pending), readers.map(load, pending)))
+            return [errors.get(id(st)) for st in states]
+        return [load(st) for st in states]
+
+    def _existing_stacks(self, ws: Any, fresh: bool = False) -> set[str]:
+        """The backend's stack names, listed once per tick (a CLI process), not once per stack."""
+        if fresh or self._stacks_listed is None:
+            self._stacks_listed = {s.name for s in ws.list_stacks()}
+        return self._stacks_listed
 
     def _checkpoint_token(self, stack: str) -> Any:
         """Changes whenever anyone writes the stack's checkpoint (file: a stat; s3: one LIST; no read)."""
@@ -580,6 +610,7 @@ class Runner:
         if force_full:
             for state in self.states.values():
                 state.last_full, state.full_done, state.forced = 0.0, False, True
+        self._stacks_listed = None
         items, generation = self.read_table()
         by_name = {i.get("endpoint_name"): i for i in items if isinstance(i, Mapping)}
         self._unreported += self._harvest(block=False, by_name=by_name)
@@ -600,6 +631,7 @@ class Runner:
         now = time.monotonic()
         results: list[StackResult] = []
         ready: list[StackState] = []
+        to_load: list[StackState] = []
         for state in self.states.values():
             if state.settings.stack in self._inflight:
                 continue
@@ -615,11 +647,11 @@ class Runner:
             if self._changed_elsewhere(state):
                 self.progress(f"{state.settings.stack}: changed by another update since the last read; reading it again")
                 state.outputs_loaded = False
-            try:
-                self.load_outputs(state)
-            except ProgramError as exc:
+            to_load.append(state)
+        for state, error in zip(to_load, self._load_all(to_load)):
+            if error is not None:
                 results.append(StackResult(stack=state.settings.stack, region=state.settings.region, action="failed",
-                                           message=str(exc)))
+                                           message=str(error)))
                 continue
             ready.append(state)
         misplaced, unknown = self.check_regions()
@@ -645,8 +677,8 @@ class Runner:
                         continue  # its first lists are coming: they judge this start in a moment
             if not plan.full:
                 applied = (state.outputs or {}).get("endpoints") or {}
-                if state.settings.region in drifted:
-                    plan.drifted = self._drift_for(state.settings, plan, applied, now)
+                if state.settings.region in drifted:  # with what a start judged from the watch's lists, if any
+                    plan.drifted = sorted(set(plan.drifted) | set(self._drift_for(state.settings, plan, applied, now)))
                 if sweep_now(plan, now, state.next_sweep):
                     plan.swept = sweep_batch(plan, applied, state.sweep_cursor, self.opts.sweep_batch)
             planned.append((state, plan, validated))

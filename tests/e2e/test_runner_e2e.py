@@ -268,6 +268,9 @@ def test_a_runners_start_refreshes_every_object_and_updates_only_what_someone_el
         r = again.tick()[0]
         assert (r.action, r.operations, r.created, r.updated, r.deleted) == ("full", 1, 0, 0, 0), r.summary()
         assert {n: kube1.written(n) for n in names} == written
+        # the outputs the refresh's program exported are the state's, unchanged
+        assert again.states["local"].outputs == in_state == \
+            {k: v.value for k, v in state_backend.workspace(again.env).stack_outputs("local").items()}
         # --full declares every endpoint again (up --refresh): still nothing to write
         r = again.tick(force_full=True)[0]
         assert (r.action, r.operations, r.created, r.updated, r.deleted) == ("full", 1, 0, 0, 0), r.summary()
@@ -316,6 +319,10 @@ def test_a_runners_start_with_the_drift_watch_is_judged_from_its_first_lists(env
     said = []
     fresh.progress = said.append
     try:
+        # the outputs as read from the checkpoint (one export) are those the CLI prints
+        fresh.load_outputs(fresh.states["local"])
+        in_state = {k: v.value for k, v in state_backend.workspace(fresh.env).stack_outputs("local").items()}
+        assert fresh.states["local"].outputs == in_state
         fresh.watch_drift()
         results = []
         deadline = time.monotonic() + 120

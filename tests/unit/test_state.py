@@ -134,3 +134,20 @@ def test_pending_operations_are_read_from_the_checkpoint_without_the_engine(tmp_
     _checkpoint(tmp_path, "zipped", {"resources": []}, suffix=".json.gz")
     assert state.pending_operations("zipped", env) is None
     assert state.pending_operations("clean", {"PULUMI_BACKEND_URL": "https://api.pulumi.com"}) is None
+
+
+def test_the_outputs_are_read_from_the_checkpoint_exported_with_its_secrets_shown():
+    secret = lambda v: {"4dabf18193072939515e22adb298388d": "1b47061264138c4ac30d75fd1eb44270",  # noqa: E731
+                        "plaintext": json.dumps(v)}
+    root = {"urn": "urn:pulumi:s::gco-infra::pulumi:pulumi:Stack::gco-infra-s", "type": "pulumi:pulumi:Stack",
+            "outputs": {"region": "r1", "endpoints": {"a": {"fingerprint": "f", "record": secret('{"x": 1}')}},
+                        "invalid": {}, "list": [secret({"k": [1, 2]})]}}
+    child = {"urn": "urn:pulumi:s::gco-infra::pulumi:pulumi:Stack::nested", "type": "pulumi:pulumi:Stack",
+             "parent": root["urn"], "outputs": {"region": "other"}}
+    assert state.stack_outputs_of({"resources": [root, child]}) == {
+        "region": "r1", "endpoints": {"a": {"fingerprint": "f", "record": '{"x": 1}'}}, "invalid": {},
+        "list": [{"k": [1, 2]}]}
+    encrypted = {**root, "outputs": {"endpoints": {"a": {"record": {
+        "4dabf18193072939515e22adb298388d": "1b47061264138c4ac30d75fd1eb44270", "ciphertext": "v1:abc"}}}}}
+    assert state.stack_outputs_of({"resources": [encrypted]}) is None  # the CLI answers then
+    assert state.stack_outputs_of({"resources": []}) is None
