@@ -668,7 +668,8 @@ SHUTDOWN_WAIT = 80.0
               help="Write the state after every step of an operation (the engine's default). Without, it is "
                    "written once at the end (several times faster on S3); after a killed runner, the next one "
                    "removes the dead lock and runs a full reconcile that re-declares and refreshes everything.")
-@click.option("--full", is_flag=True, help="Force a full reconcile on the first tick.")
+@click.option("--full", is_flag=True, help="On the first tick, declare every endpoint again (a full `up --refresh`) "
+                                          "instead of judging the objects against the checkpoint.")
 @click.option("--allow-mass-delete", is_flag=True, help="Allow a tick to remove more endpoints than the deletion bound.")
 @click.option("--max-delete-fraction", type=float, default=0.10, show_default=True, help="Deletion bound, as a fraction of a region's endpoints (all shards together).")
 @click.option("--max-delete-min", type=int, default=2, show_default=True, help="Deletion bound floor (endpoints).")
@@ -690,7 +691,9 @@ def run(once: bool, stacks: tuple[str, ...], interval: float, full_every: float 
         full: bool, allow_mass_delete: bool, max_delete_fraction: float, max_delete_min: int, parallel: int | None,
         table_stream: bool, rescan_every: float, liveness_port: int | None, metrics_port: int | None) -> None:
     """Apply the regional stacks from the table: nothing when nothing changed, a targeted update of the
-    endpoints that changed or drifted, a full `up --refresh` on the first tick and after a failure.
+    endpoints that changed or drifted; on the first tick a full reconcile that judges every object
+    against the checkpoint (from the drift watch's lists, or a refresh) and updates what drifted; a
+    full `up --refresh` after a failure and with --full.
     Operations run in worker processes beside the ticks; see the README's "The runner"."""
     from .plan import EXIT_CONFIG, EXIT_STORE, RunnerOptions, exit_code
 

@@ -155,21 +155,25 @@ def recorded_objects(resources: Iterable[Mapping[str, Any]]) -> dict[ObjectKey, 
     operation saw them: (kind, namespace, name) -> (endpoint, the fields our managers owned then).
 
     The baseline against which a runner's start judges what happened while no runner watched. An
-    object whose metadata the state keeps secret has no readable baseline (None)."""
+    object without one (None) counts as changed: its metadata is kept secret, no field of it is
+    ours by apply (imported, say), or the watch does not list its kind."""
     out: dict[ObjectKey, tuple[str, frozenset[Path] | None]] = {}
     for res in resources:
-        kind = RECORDED_TYPES.get(str(res.get("type")))
+        token = str(res.get("type"))
+        parent = str(res.get("parent", ""))
+        if not token.startswith("kubernetes:") or "::gco:inference:Endpoint::" not in parent:
+            continue  # the stack, the provider, the endpoints' components
+        kind = RECORDED_TYPES.get(token, token)  # a kind the watch does not list: no baseline, below
+        endpoint = parent.rpartition("::")[2]
         outputs = res.get("outputs") if isinstance(res.get("outputs"), Mapping) else {}
         meta = outputs.get("metadata")
         name = str(res.get("urn", "")).rpartition("::")[2]
-        endpoint = str(res.get("parent", "")).rpartition("::")[2]
-        if kind is None or not endpoint:
-            continue
-        if not isinstance(meta, Mapping) or not isinstance(meta.get("managedFields"), list):
+        owned = owned_by_us(meta["managedFields"]) if (
+            isinstance(meta, Mapping) and isinstance(meta.get("managedFields"), list)) else frozenset()
+        if token not in RECORDED_TYPES or not owned or not isinstance(meta, Mapping):
             out[(kind, str(res.get("id", "")).partition("/")[0], name)] = (endpoint, None)
             continue
-        out[(kind, str(meta.get("namespace") or ""), str(meta.get("name") or name))] = (
-            endpoint, owned_by_us(meta["managedFields"]))
+        out[(kind, str(meta.get("namespace") or ""), str(meta.get("name") or name))] = (endpoint, owned)
     return out
 
 
@@ -182,10 +186,10 @@ def judge_since(recorded: Mapping[ObjectKey, tuple[str, frozenset[Path] | None]]
     out: dict[str, Drift] = {}
     for (kind, namespace, name), (endpoint, before) in sorted(recorded.items()):
         managed = listed.get((kind, namespace, name))
-        if managed is None:
-            reason: str | None = "deleted"
-        elif before is None:
-            reason = "unknown (the state keeps its metadata secret)"
+        if before is None:
+            reason: str | None = "unknown to the checkpoint (no fields of ours recorded)"
+        elif managed is None:
+            reason = "deleted"
         else:
             reason = judge(before, managed)[1]
         if reason:

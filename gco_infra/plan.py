@@ -174,6 +174,23 @@ def plan_stack(settings: StackSettings, validated: Validated, outputs: Mapping[s
     return plan
 
 
+def trusted_checkpoint(last: Mapping[str, Any] | None) -> bool:
+    """Whether a stack's checkpoint records what our updates declared, so that a runner's start may
+    judge drift against it (Plan.refresh_first) instead of declaring every endpoint again (pure).
+
+    ``last``: the newest entry of the stack's history (state.last_operation). A succeeded update left
+    every object it declared as declared; a refresh that changed nothing left them as they were. After
+    a failed or interrupted operation, or a refresh that took in someone else's changes (a person's
+    `pulumi refresh`), the checkpoint may hold what nobody declared, and only declaring every
+    endpoint again restores it."""
+    if not isinstance(last, Mapping) or last.get("result") != "succeeded":
+        return False
+    if last.get("kind") == "update":
+        return True
+    changes = last.get("resourceChanges") or {}
+    return last.get("kind") == "refresh" and all(op == "same" for op, count in changes.items() if count)
+
+
 def removal_refusal(where: str, removed: int, applied: int, opts: RunnerOptions, recent: int = 0) -> str | None:
     """Why removing ``removed`` of ``applied`` endpoints is refused, or None when within the bound.
 

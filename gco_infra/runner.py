@@ -32,7 +32,7 @@ from .store import EndpointStore, StoreError, TableCache
 from .plan import (EXIT_CONFIG, EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_REFUSED, EXIT_STORE, GENERAL, PROJECT, Plan,
                    RunnerOptions, StackResult, bound_sharded_regions, desired_for_region, endpoint_of_urn, exit_code,
                    held_endpoints, hpa_handbacks, misplaced_endpoints, object_owners, plan_stack, reconcile_outputs,
-                   stale_stacks, status_updates, targets_for)
+                   stale_stacks, status_updates, targets_for, trusted_checkpoint)
 
 _STACKS: dict[tuple[str, str, str], Any] = {}
 """Automation API stacks of this process, by name (workers are long-lived)."""
@@ -197,6 +197,8 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
                                       suppress_progress=True, suppress_outputs=True, color="never")
         kwargs["program"] = pulumi_program
         up: Any = None
+        if full and plan.refresh_first and (unlocked or cleared):
+            log("an interrupted update left a lock or pending operations: declaring every endpoint again")
         if full and plan.refresh_first and not (unlocked or cleared):
             # An interrupted update (a dead lock, pending operations) may have left what its state does
             # not record: then every endpoint is declared, below.
@@ -465,6 +467,14 @@ class Runner:
                     state.outputs = reconcile_outputs(outputs, held_endpoints(deployment))
                     state.recorded = recorded_objects(deployment.get("resources") or [])
                     state.pending = len(deployment.get("pending_operations") or [])
+                    if not state.last_full and not state.failed:  # a start: may it judge against the checkpoint?
+                        last = state_backend.last_operation(state.settings.stack, self.env)
+                        if not trusted_checkpoint(last):
+                            state.failed = True
+                            what = f"{last.get('kind')} {last.get('result')}" if last else "unknown"
+                            self.progress(f"{state.settings.stack}: its last operation ({what}) may have left the "
+                                          "checkpoint holding what nobody declared: its full reconcile declares "
+                                          "every endpoint again")
                     mismatch = state_backend.secrets_mismatch(state.settings.stack, deployment, self.env)
                     if mismatch:
                         self.progress(mismatch)
@@ -488,7 +498,12 @@ class Runner:
             return None
 
         if len(pending) > 1:
-            self._existing_stacks(self._workspace())  # listed once, before the readers start
+            from pulumi import automation as auto
+
+            try:
+                self._existing_stacks(self._workspace())  # listed once, before the readers start
+            except auto.CommandError:
+                pass  # each reader lists again, with its retries, and reports its own failure
             with ThreadPoolExecutor(max_workers=min(len(pending), max(2, self.opts.parallel))) as readers:
                 errors = dict(zip(map(id, pending), readers.map(load, pending)))
             return [errors.get(id(st)) for st in states]
@@ -670,7 +685,8 @@ class Runner:
             validated, desired = self._declared(state, items, generation)
             plan = plan_stack(state.settings, validated, state.outputs, full_due=force_full or not state.last_full,
                               opts=self.opts, desired=desired, recently_removed=recent.get(state.settings.stack, 0))
-            plan.refresh_first = refresh_first(plan, forced=force_full or state.forced, failed=state.failed)
+            plan.refresh_first = refresh_first(plan, forced=force_full or state.forced, failed=state.failed,
+                                               pending=state.pending)
             if plan.refresh_first and state.settings.region in self.drift:
                 if not self._judged_by_the_watch(state, plan, now):
                     if now - self._watch_started < WATCH_LIST_WAIT and not self.drift[state.settings.region].errors:
@@ -855,7 +871,9 @@ class Runner:
             state.outputs_loaded = False
         if res.action == "full":
             self._orphan_check[plan.region] = True
-            state.last_full, state.full_done, state.forced, state.failed = op.started, True, False, False
+            state.last_full, state.full_done = op.started, True
+            if not plan.refresh_first:  # a --full asked while a start's refresh ran still declares everything
+                state.forced, state.failed = False, False
             state.next_sweep = op.started + self._sweep_period(state)
             self._forget_first_lists(plan.region)
         if res.action == "failed":
@@ -951,21 +969,26 @@ class Runner:
     def _judged_by_the_watch(self, state: StackState, plan: Plan, now: float) -> bool:
         """A runner's start judged from its drift watch's first lists instead of a refresh: each object
         the stack recorded (its checkpoint) against the same object as listed (drift.judge_since).
-        The plan becomes the targeted repair of what drifted while no runner watched (often nothing).
-        False when the watch has not listed everything yet, or the checkpoint has pending operations."""
+        The plan becomes the targeted repair of what drifted while no runner watched (often nothing);
+        that drift is kept with the watch's, so a repair that cannot start now is planned again.
+        False when the watch has not listed everything yet."""
         from .drift import judge_since
 
         listed = self.drift[plan.region].first_lists()
-        if listed is None or state.recorded is None or state.pending:
+        if listed is None or state.recorded is None:
             return False
         found = judge_since(state.recorded, listed, now)
         applied = (state.outputs or {}).get("endpoints") or {}
-        drifted = sorted(n for n in found if n in applied and n in plan.desired and n not in plan.touched)
+        # as the watch's drift: what the stack declares (a kept invalid record's last declaration too)
+        drifted = sorted(n for n in found if n in applied and (n in plan.desired or n in plan.kept)
+                         and n not in plan.touched)
         plan.full, plan.refresh_first, plan.reason = False, False, ""
         plan.drifted = drifted
         plan.drift_seen = {n: found[n] for n in drifted}
+        pending = self._drifted.setdefault(plan.region, {})
         for name in drifted:
             d = found[name]
+            pending.setdefault(name, d)  # settled when the repair starts (_settle_drift)
             self.progress(f"{plan.stack}: {name}: {d.kind} {d.namespace}/{d.name} {d.reason} while no runner watched; "
                           "repairing it")
         self.progress(f"{plan.stack}: full reconcile from the drift watch's lists: {len(state.recorded)} object(s) "
@@ -1108,13 +1131,14 @@ def sweep_batch(plan: Plan, applied: Mapping[str, Any], cursor: str, batch: int)
     return ordered[:batch]
 
 
-def refresh_first(plan: Plan, *, forced: bool, failed: bool) -> bool:
+def refresh_first(plan: Plan, *, forced: bool, failed: bool, pending: int = 0) -> bool:
     """Whether a full reconcile refreshes first and updates only what needs it (Plan.refresh_first).
 
     Only a runner's start: the first apply and a new declaration version change what every endpoint
-    declares, a person's --full asks for every endpoint to be declared, and after a failure the state
-    may not say what the engine did before it stopped."""
-    return plan.full and plan.reason == "full reconcile" and not forced and not failed
+    declares, a person's --full asks for every endpoint to be declared, and after a failure (or an
+    interrupted update: ``pending`` operations in the checkpoint) the state may not say what the
+    engine did before it stopped."""
+    return plan.full and plan.reason == "full reconcile" and not forced and not failed and not pending
 
 
 def describe(plan: Plan) -> str:

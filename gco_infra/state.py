@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 import urllib.parse
 from dataclasses import dataclass
@@ -395,6 +396,22 @@ def stack_outputs_of(deployment: Mapping[str, Any]) -> dict[str, Any] | None:
         return _plain(dict(root.get("outputs") or {}))
     except (_Encrypted, ValueError):
         return None
+
+
+def last_operation(stack: str, env: Mapping[str, str]) -> Mapping[str, Any] | None:
+    """The newest entry of the stack's history (`pulumi stack history --json --page-size 1`): its
+    ``kind``, ``result`` and ``resourceChanges``; None when there is none or it cannot be read."""
+    try:
+        proc = subprocess.run(["pulumi", "stack", "history", "--json", "--page-size", "1", "--page", "1",
+                               "--stack", stack], cwd=project_dir(env.get("PULUMI_BACKEND_URL", "")),
+                              env={**os.environ, **engine_env(env)}, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    try:
+        entries = json.loads(proc.stdout or "[]") if proc.returncode == 0 else None
+    except ValueError:
+        return None
+    return entries[0] if isinstance(entries, list) and entries and isinstance(entries[0], Mapping) else None
 
 
 def pending_operations(stack: str, env: Mapping[str, str]) -> int | None:

@@ -108,6 +108,17 @@ def test_failing_endpoint_gets_error_while_others_get_states(env, tick, runner, 
         assert bad["state"] == "error" and "not allowed here" in bad["error"]
         assert kube1.deployment("accepted-one") is not None
         assert status(env, "accepted-one")["state"] == "creating"
+        # A runner started after that failure (another pod, say) does not know of it but from the
+        # stack's history: its start declares every endpoint again rather than judging drift.
+        restarted = make_runner(env, stacks=("local",))
+        said = []
+        restarted.progress = said.append
+        try:
+            restarted.tick()
+        finally:
+            restarted.close()
+        assert any(m.startswith("local: its last operation (update failed)") for m in said), said
+        assert "local: full up --refresh (full reconcile)" in said, said
     finally:
         adm.delete_validating_admission_policy_binding("deny-rejected")
         adm.delete_validating_admission_policy("deny-rejected")
@@ -271,11 +282,22 @@ def test_a_runners_start_refreshes_every_object_and_updates_only_what_someone_el
         # the outputs the refresh's program exported are the state's, unchanged
         assert again.states["local"].outputs == in_state == \
             {k: v.value for k, v in state_backend.workspace(again.env).stack_outputs("local").items()}
-        # --full declares every endpoint again (up --refresh): still nothing to write
-        r = again.tick(force_full=True)[0]
-        assert (r.action, r.operations, r.created, r.updated, r.deleted) == ("full", 1, 0, 0, 0), r.summary()
     finally:
         again.close()
+    # A refresh that changed nothing leaves a checkpoint the next start trusts; --full declares
+    # every endpoint again (up --refresh): still nothing to write.
+    third = make_runner(env, stacks=("local",))
+    said = []
+    third.progress = said.append
+    try:
+        r = third.tick()[0]
+        assert "local: full reconcile: refresh, then update what changed or drifted (full reconcile)" in said, said
+        assert (r.action, r.operations) == ("full", 1), r.summary()
+        r = third.tick(force_full=True)[0]
+        assert "local: full up --refresh (full reconcile)" in said, said
+        assert (r.action, r.operations, r.created, r.updated, r.deleted) == ("full", 1, 0, 0, 0), r.summary()
+    finally:
+        third.close()
 
 
 def test_the_refresh_of_a_start_uses_the_provider_the_program_declares_now(env, tick, runner, kube1, tmp_path):

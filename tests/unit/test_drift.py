@@ -301,11 +301,15 @@ def test_the_checkpoint_records_each_objects_fields_as_the_last_operation_saw_th
         _resource("kubernetes:apps/v1:Deployment", "a", "a", [our_apply(), entry("kube-controller-manager", {})]),
         _resource("kubernetes:networking.k8s.io/v1:Ingress", "inference-a", "a", [our_apply({"f:spec": {}})]),
         {**_resource("kubernetes:core/v1:Service", "a", "a", []), "outputs": {"4dabf18193072939515e22adb298388d": "secret"}},
+        _resource("kubernetes:core/v1:Service", "imported", "b", [entry("kubectl-create", {"f:spec": {}}, operation="Update")]),
+        _resource("kubernetes:policy/v1:PodDisruptionBudget", "a", "a", [our_apply()]),
     ]
     recorded = recorded_objects(resources)
     assert recorded == {("Deployment", "ns", "a"): ("a", owned_by_us([our_apply()])),
                         ("Ingress", "ns", "inference-a"): ("a", frozenset({("f:spec",)})),
-                        ("Service", "ns", "a"): ("a", None)}
+                        ("Service", "ns", "a"): ("a", None),  # metadata kept secret
+                        ("Service", "ns", "imported"): ("b", None),  # no field of ours by apply
+                        ("kubernetes:policy/v1:PodDisruptionBudget", "ns", "a"): ("a", None)}  # a kind not listed
 
 
 def test_a_start_finds_what_changed_while_no_runner_watched():
@@ -330,7 +334,7 @@ def test_a_start_finds_what_changed_while_no_runner_watched():
     found = judge_since(recorded, listed, 5.0)
     assert {n: d.reason for n, d in found.items()} == {
         "edited": "changed by kubectl-edit", "gone": "deleted",
-        "secret": "unknown (the state keeps its metadata secret)"}
+        "secret": "unknown to the checkpoint (no fields of ours recorded)"}
     assert (found["gone"].kind, found["gone"].namespace, found["gone"].name, found["gone"].seen) == ("Deployment", "ns", "gone", 5.0)
 
 

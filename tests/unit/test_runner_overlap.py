@@ -293,6 +293,7 @@ def test_only_a_runners_start_refreshes_first():
     assert refresh_first(start, forced=False, failed=False)
     assert not refresh_first(start, forced=True, failed=False)  # --full: every endpoint declared
     assert not refresh_first(start, forced=False, failed=True)  # the state may not say what a failure left
+    assert not refresh_first(start, forced=False, failed=False, pending=2)  # nor what an interrupted update did
     for reason in ("first apply", "declaration version changed"):
         assert not refresh_first(replace(start, reason=reason), forced=False, failed=False)
     assert not refresh_first(replace(start, full=False), forced=False, failed=False)
@@ -373,12 +374,38 @@ def test_a_start_with_a_watch_is_judged_from_its_first_lists_and_repairs_only_wh
     r.drift[REGION] = _Watch(None)
     assert not r._judged_by_the_watch(state, plan, 100.0) and plan.full  # lists not done: nothing decided
     r.drift[REGION] = _Watch(listed)
-    state.pending = 1
-    assert not r._judged_by_the_watch(state, plan, 100.0) and plan.full  # pending operations: a refresh clears them
-    state.pending = 0
     assert r._judged_by_the_watch(state, plan, 100.0)
     # b's Deployment is gone; c changed in the table (a targeted update anyway); a is as recorded
     assert (plan.full, plan.refresh_first, plan.changed, plan.drifted) == (False, False, ["c"], ["b"])
     assert plan.drift_seen["b"].reason == "deleted"
+    assert set(r._drifted[REGION]) == {"b"}  # kept until the repair starts, so a deferred one is planned again
     assert state.full_done and state.last_full == 100.0 and r._orphan_check[REGION]
     assert r.drift[REGION].forgotten  # the region's only stack: nothing judges from the lists any more
+
+
+def test_a_start_trusts_the_checkpoint_only_after_a_succeeded_update_or_a_refresh_that_changed_nothing():
+    from gco_infra.plan import trusted_checkpoint
+
+    assert trusted_checkpoint({"kind": "update", "result": "succeeded", "resourceChanges": {"update": 3}})
+    assert trusted_checkpoint({"kind": "refresh", "result": "succeeded", "resourceChanges": {"same": 40, "update": 0}})
+    assert not trusted_checkpoint({"kind": "refresh", "result": "succeeded", "resourceChanges": {"same": 39, "update": 1}})
+    assert not trusted_checkpoint({"kind": "update", "result": "failed"})
+    assert not trusted_checkpoint({"kind": "update", "result": "in-progress"})
+    assert not trusted_checkpoint({"kind": "import", "result": "succeeded"})
+    assert not trusted_checkpoint(None)  # no history, or it could not be read
+
+
+def test_the_judged_start_keeps_a_kept_invalid_records_drift():
+    from gco_infra.drift import owned_by_us
+
+    r = runner()
+    state = r.states[S.stack]
+    state.outputs, state.outputs_loaded = outputs_for([item("a"), item("k")]), True
+    ours = owned_by_us([{"manager": "pulumi-kubernetes-1", "operation": "Apply", "fieldsV1": {"f:spec": {}}}])
+    state.recorded = {("Deployment", "gco-inference", n): (n, ours) for n in "ak"}
+    r.drift[REGION] = _Watch({("Deployment", "gco-inference", "a"): [
+        {"manager": "pulumi-kubernetes-1", "operation": "Apply", "fieldsV1": {"f:spec": {}}}]})
+    items = [item("a"), {"endpoint_name": "k", "desired_state": "running", "target_regions": [REGION], "spec": {}}]
+    plan = plan_stack(S, validate_all(items), state.outputs, full_due=True, opts=r.opts)
+    assert plan.kept == ["k"]
+    assert r._judged_by_the_watch(state, plan, 1.0) and plan.drifted == ["k"]
