@@ -376,6 +376,8 @@ class StackState:
     """drift.recorded_objects of the checkpoint as last read (a runner's start judges drift from it)."""
     pending: int = 0
     """Pending operations in the checkpoint as last read."""
+    history_read: bool = False
+    """Whether its start has read the stack's last history entry (plan.trusted_checkpoint)."""
 
 
 class Runner:
@@ -442,13 +444,15 @@ class Runner:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-    def load_outputs(self, state: StackState) -> None:
+    def load_outputs(self, state: StackState, start: bool = False) -> None:
         """The stack's outputs, read when first needed and again whenever the stack changed under us
         (see _changed_elsewhere); between those, ticks use what the runner's own operations returned.
 
         The ``endpoints`` output is reconciled with the resources the checkpoint holds: after a
         ``pulumi state move`` the outputs still name the endpoints that left and not those that
         arrived, and decisions (misplacement, the deletion bound) must see where they really are.
+        ``start``: a tick reads it for the stack's start, which may judge drift against the checkpoint
+        only if its last operation left it trustworthy (the stack's history is read once for that).
         """
         if state.outputs_loaded:
             return
@@ -467,11 +471,12 @@ class Runner:
                     state.outputs = reconcile_outputs(outputs, held_endpoints(deployment))
                     state.recorded = recorded_objects(deployment.get("resources") or [])
                     state.pending = len(deployment.get("pending_operations") or [])
-                    if not state.last_full and not state.failed:  # a start: may it judge against the checkpoint?
-                        last = state_backend.last_operation(state.settings.stack, self.env)
-                        if not trusted_checkpoint(last):
+                    if start and not state.history_read and not state.last_full and not state.failed:
+                        state.history_read = True
+                        entry = state_backend.last_operation(state.settings.stack, self.env)
+                        if not trusted_checkpoint(entry):
                             state.failed = True
-                            what = f"{last.get('kind')} {last.get('result')}" if last else "unknown"
+                            what = f"{entry.get('kind')} {entry.get('result')}" if entry else "unknown"
                             self.progress(f"{state.settings.stack}: its last operation ({what}) may have left the "
                                           "checkpoint holding what nobody declared: its full reconcile declares "
                                           "every endpoint again")
@@ -492,7 +497,7 @@ class Runner:
 
         def load(state: StackState) -> ProgramError | None:
             try:
-                self.load_outputs(state)
+                self.load_outputs(state, start=True)
             except ProgramError as exc:
                 return exc
             return None
@@ -872,8 +877,10 @@ class Runner:
         if res.action == "full":
             self._orphan_check[plan.region] = True
             state.last_full, state.full_done = op.started, True
-            if not plan.refresh_first:  # a --full asked while a start's refresh ran still declares everything
+            if not plan.refresh_first:
                 state.forced, state.failed = False, False
+            elif state.forced:  # a --full asked while a start's refresh ran: it still declares everything
+                state.last_full, state.full_done = 0.0, False
             state.next_sweep = op.started + self._sweep_period(state)
             self._forget_first_lists(plan.region)
         if res.action == "failed":
@@ -945,7 +952,8 @@ class Runner:
         pending = self._drifted.get(settings.region) or {}
         out = []
         for name, drift in sorted(pending.items()):
-            if not settings.owns(name) or name not in applied or name not in plan.desired or name in plan.touched:
+            if (not settings.owns(name) or name not in applied or name in plan.touched
+                    or (name not in plan.desired and name not in plan.kept)):  # a kept record's last declaration too
                 continue
             if ours(drift, applied.get(name)):
                 continue  # an object our own update removed (the endpoint no longer declares it)

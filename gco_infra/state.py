@@ -27,6 +27,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -401,17 +402,19 @@ def stack_outputs_of(deployment: Mapping[str, Any]) -> dict[str, Any] | None:
 def last_operation(stack: str, env: Mapping[str, str]) -> Mapping[str, Any] | None:
     """The newest entry of the stack's history (`pulumi stack history --json --page-size 1`): its
     ``kind``, ``result`` and ``resourceChanges``; None when there is none or it cannot be read."""
-    try:
-        proc = subprocess.run(["pulumi", "stack", "history", "--json", "--page-size", "1", "--page", "1",
-                               "--stack", stack], cwd=project_dir(env.get("PULUMI_BACKEND_URL", "")),
-                              env={**os.environ, **engine_env(env)}, capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    try:
-        entries = json.loads(proc.stdout or "[]") if proc.returncode == 0 else None
-    except ValueError:
-        return None
-    return entries[0] if isinstance(entries, list) and entries and isinstance(entries[0], Mapping) else None
+    for attempt in range(3):  # a backend that fails for a moment would cost a full `up --refresh`
+        if attempt:
+            time.sleep(attempt)
+        try:
+            proc = subprocess.run(["pulumi", "stack", "history", "--json", "--non-interactive", "--page-size", "1",
+                                   "--page", "1", "--stack", stack], cwd=project_dir(env.get("PULUMI_BACKEND_URL", "")),
+                                  env={**os.environ, **engine_env(env)}, capture_output=True, text=True, timeout=120)
+            entries = json.loads(proc.stdout or "[]") if proc.returncode == 0 else None
+        except (OSError, subprocess.TimeoutExpired, ValueError):
+            entries = None
+        if isinstance(entries, list):
+            return entries[0] if entries and isinstance(entries[0], Mapping) else None
+    return None
 
 
 def pending_operations(stack: str, env: Mapping[str, str]) -> int | None:

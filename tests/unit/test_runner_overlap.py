@@ -409,3 +409,52 @@ def test_the_judged_start_keeps_a_kept_invalid_records_drift():
     plan = plan_stack(S, validate_all(items), state.outputs, full_due=True, opts=r.opts)
     assert plan.kept == ["k"]
     assert r._judged_by_the_watch(state, plan, 1.0) and plan.drifted == ["k"]
+
+
+def test_only_a_ticks_start_reads_the_stacks_history_and_only_once(monkeypatch):
+    from types import SimpleNamespace
+
+    from gco_infra import runner as runner_module
+
+    asked = []
+    root = {"urn": "urn:pulumi:s::gco-infra::pulumi:pulumi:Stack::gco-infra-s", "type": "pulumi:pulumi:Stack",
+            "outputs": {"region": REGION, "endpoints": {}}}
+    ws = SimpleNamespace(list_stacks=lambda: [SimpleNamespace(name=S.stack)],
+                         export_stack=lambda name: SimpleNamespace(deployment={"resources": [root]}))
+    monkeypatch.setattr(runner_module.state_backend, "checkpoint_token", lambda stack, env: None)
+    monkeypatch.setattr(runner_module.state_backend, "secrets_mismatch", lambda stack, dep, env: None)
+    monkeypatch.setattr(runner_module.state_backend, "last_operation",
+                        lambda stack, env: asked.append(stack) or {"kind": "update", "result": "failed"})
+    r = runner()
+    monkeypatch.setattr(r, "_workspace", lambda: ws)
+    state = r.states[S.stack]
+    r.load_outputs(state)  # a guard, the preview: no history
+    assert asked == [] and not state.failed and state.outputs["region"] == REGION
+    state.outputs_loaded = False
+    assert r._load_all([state]) == [None]
+    assert asked == [S.stack] and state.failed  # the last update failed: the start declares everything
+    state.outputs_loaded, state.failed = False, False
+    r._load_all([state])
+    assert asked == [S.stack]  # read once per runner
+
+
+def test_a_full_asked_while_a_starts_refresh_ran_still_declares_everything():
+    from gco_infra.plan import StackResult
+
+    r = runner()
+    state = r.states[S.stack]
+    state.forced = True
+    start = Plan(stack=S.stack, region=REGION, desired={}, full=True, reason="full reconcile", refresh_first=True)
+    r._complete(Operation(Future(), state, start, validate_all([]), 5.0),
+                StackResult(stack=S.stack, region=REGION, action="full", outputs={"endpoints": {}}), None)
+    assert state.forced and state.last_full == 0.0 and not state.full_done
+
+
+def test_the_watch_repairs_a_kept_invalid_records_last_declaration():
+    r = runner()
+    state = r.states[S.stack]
+    state.outputs = outputs_for([item("a"), item("k")])
+    items = [item("a"), {"endpoint_name": "k", "desired_state": "running", "target_regions": [REGION], "spec": {}}]
+    plan = plan_stack(S, validate_all(items), state.outputs, full_due=False, opts=r.opts)
+    r._drifted[REGION] = {"k": Drift("Deployment", "gco-inference", "k", "deleted", 1.0)}
+    assert r._drift_for(S, plan, state.outputs["endpoints"], 2.0) == ["k"]
