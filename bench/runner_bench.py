@@ -83,9 +83,13 @@ def measure(n: int, progress, shards: int = 1, table_stream: bool = True, parall
             s = settings_from_stack_file("local")
             s = with_local_overrides(s, str(env.kubeconfig("local-1")), env.dynamodb_endpoint, env.table)
             s = replace(s, shards=shards)
-            runner = Runner([s], store, env.pulumi_env(),
-                            RunnerOptions(full_every=10**9, rescan_every=10**9, table_stream=table_stream,
-                                          parallel=parallel, checkpoints=checkpoints))
+
+            def new_runner() -> Runner:  # the same settings for the first runner and each restart
+                return Runner([s], store, env.pulumi_env(),
+                              RunnerOptions(full_every=10**9, rescan_every=10**9, table_stream=table_stream,
+                                            parallel=parallel, checkpoints=checkpoints))
+
+            runner = new_runner()
             apps = client.AppsV1Api(env.kube("local-1"))
             row: dict = {"n": n}
 
@@ -124,15 +128,11 @@ def measure(n: int, progress, shards: int = 1, table_stream: bool = True, parall
             runner.close()
             progress(f"N={n}: the cluster settled {settle(api):.0f}s after the apply (its controllers create the pods)")
             # A runner's start: it refreshes every object, then updates what changed or drifted (nothing here).
-            runner = Runner([s], store, env.pulumi_env(),
-                            RunnerOptions(full_every=10**9, rescan_every=10**9, table_stream=table_stream,
-                                          parallel=parallel, checkpoints=checkpoints))
+            runner = new_runner()
             tick(START)
             runner.close()
             # The same with the drift watch (`gco-infra run`): its first lists judge the start.
-            runner = Runner([s], store, env.pulumi_env(),
-                            RunnerOptions(full_every=10**9, rescan_every=10**9, table_stream=table_stream,
-                                          parallel=parallel, checkpoints=checkpoints))
+            runner = new_runner()
             ops, calls, reqs0 = runner.operations, store.calls, apiserver_requests(api)
             t0 = time.perf_counter()
             with CpuSampler() as cpu:

@@ -126,11 +126,16 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
         messages.append(msg)
 
     known: dict[str, str] = {}
+    validated: list[Validated] = []
+
+    def valid() -> Validated:  # validated once, when first needed (targets, owners of failed objects)
+        if not validated:
+            validated.append(owned(validate_all(items, allowed_namespaces=settings.allowed_namespaces), settings))
+        return validated[0]
 
     def owners() -> Mapping[str, str]:  # built on the first failure only
         if not known:
-            valid = owned(validate_all(items, allowed_namespaces=settings.allowed_namespaces), settings)
-            known.update(object_owners(valid, settings, outputs))
+            known.update(object_owners(valid(), settings, outputs))
         return known
 
     def on_event(event: Any) -> None:
@@ -215,12 +220,11 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
             if not work.targeted:  # nothing to update: the outputs stand as the program exported them
                 result.outputs = captured.pop("outputs", None) or dict(outputs or {})
             else:
-                valid = owned(validate_all(items, allowed_namespaces=settings.allowed_namespaces), settings)
                 kwargs["program"] = declaring(set(work.targeted), previous_endpoints)
                 captured.pop("outputs", None)
                 with answered_by_the_operation(stack, captured):
                     # no refresh: the one above has just read every object
-                    up = stack.up(target=targets_for(work, valid, settings, outputs), **kwargs)
+                    up = stack.up(target=targets_for(work, valid(), settings, outputs), **kwargs)
         else:
             with answered_by_the_operation(stack, captured):
                 if full:
@@ -239,12 +243,11 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
             # scaled the Deployment once more after we set its count: refresh those Deployments now
             # that no HPA is left, and the declared count wins (patchForce) in this same tick.
             back = replace(plan, created=[], changed=handbacks, removed=[], full=False)
-            valid = owned(validate_all(items, allowed_namespaces=settings.allowed_namespaces), settings)
             after = result.outputs or {}
             kwargs["program"] = declaring(set(handbacks), after.get("endpoints") or {})
             captured.pop("outputs", None)
             with answered_by_the_operation(stack, captured):
-                again = stack.up(target=targets_for(back, valid, settings, after), refresh=True, **kwargs)
+                again = stack.up(target=targets_for(back, valid(), settings, after), refresh=True, **kwargs)
             result.operations += 1
             result.updated += changes(again.summary).get("update", 0)
             result.outputs = {k: v.value for k, v in again.outputs.items()}

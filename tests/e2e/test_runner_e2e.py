@@ -243,17 +243,24 @@ def test_sigterm_waits_for_the_running_operation_and_writes_its_statuses(env, ru
     runner.states["local"].outputs_loaded = False
 
 
-def test_a_runners_start_refreshes_every_object_and_updates_only_what_someone_else_changed(env, tick, runner, kube1):
-    names = [f"start-{i}" for i in range(4)]
+def _applied_then_changed_by_someone_else(env, tick, kube1, prefix, count):
+    """``count`` endpoints applied; then, while no runner runs, the Service of ``<prefix>-1`` deleted and
+    the image of ``<prefix>-2`` changed (fields the stack declares). Returns the names and what our
+    updates had written to each Deployment."""
+    names = [f"{prefix}-{i}" for i in range(count)]
     for n in names:
         put(env, n)
     tick()
     before = {n: kube1.written(n) for n in names}
-    # While no runner runs: a Service deleted, a Deployment's image changed (fields the stack declares),
-    # and a label added to another Deployment (a field it does not declare: not drift).
-    kube1.core.delete_namespaced_service("start-1", "gco-inference")
-    kube1.apps.patch_namespaced_deployment("start-2", "gco-inference", {"spec": {"template": {"spec": {
+    kube1.core.delete_namespaced_service(f"{prefix}-1", "gco-inference")
+    kube1.apps.patch_namespaced_deployment(f"{prefix}-2", "gco-inference", {"spec": {"template": {"spec": {
         "containers": [{"name": "inference", "image": "example.com/someone-else:9"}]}}}})
+    return names, before
+
+
+def test_a_runners_start_refreshes_every_object_and_updates_only_what_someone_else_changed(env, tick, runner, kube1):
+    names, before = _applied_then_changed_by_someone_else(env, tick, kube1, "start", 4)
+    # and a label added to another Deployment (a field the stack does not declare: not drift)
     kube1.apps.patch_namespaced_deployment("start-3", "gco-inference", {"metadata": {"labels": {"team": "x"}}})
     fresh = make_runner(env, stacks=("local",))
     try:
@@ -329,14 +336,7 @@ def test_the_refresh_of_a_start_uses_the_provider_the_program_declares_now(env, 
 
 
 def test_a_runners_start_with_the_drift_watch_is_judged_from_its_first_lists(env, tick, runner, kube1):
-    names = [f"listed-{i}" for i in range(3)]
-    for n in names:
-        put(env, n)
-    tick()
-    before = {n: kube1.written(n) for n in names}
-    kube1.core.delete_namespaced_service("listed-1", "gco-inference")
-    kube1.apps.patch_namespaced_deployment("listed-2", "gco-inference", {"spec": {"template": {"spec": {
-        "containers": [{"name": "inference", "image": "example.com/someone-else:9"}]}}}})
+    names, before = _applied_then_changed_by_someone_else(env, tick, kube1, "listed", 3)
     fresh = make_runner(env, stacks=("local",))
     said = []
     fresh.progress = said.append
