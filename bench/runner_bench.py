@@ -2,8 +2,9 @@
 
 For each N: first full apply, a no-change tick, a one-endpoint change until the live Deployment
 shows it, the full reconcile of a runner's start (without a drift watch: refresh, then update what
-drifted; with one: judged from its first lists) and the one of --full (every endpoint declared
-again, up --refresh). Records seconds, Pulumi operations and DynamoDB calls
+drifted; with one: judged from its first lists), the one of --full (every endpoint declared
+again, up --refresh) and the one of a new declaration version (every endpoint declared again; with
+the drift watch's lists finding nothing drifted, without a refresh). Records seconds, Pulumi operations and DynamoDB calls
 per tick. Run: .venv/bin/python bench/runner_bench.py [--sizes 100,500,1000] [--shards 1,10]
 [--out bench/RESULTS.md]
 
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kubernetes import client  # noqa: E402
 
 from gco_infra import localenv  # noqa: E402
+from gco_infra import state as state_backend  # noqa: E402
 from bench.cpu import CpuSampler  # noqa: E402
 from gco_infra.program import settings_from_stack_file  # noqa: E402
 from gco_infra.runner import Runner, RunnerOptions, with_local_overrides  # noqa: E402
@@ -40,6 +42,18 @@ def endpoint(i: int, env_value: str = "1") -> dict:
 START = "full reconcile (a runner's start without a watch: refresh)"
 WATCHED = "full reconcile (a runner's start with the drift watch)"
 DECLARE_ALL = "full reconcile (--full: up --refresh)"
+NEW_VERSION = "full reconcile (a new declaration version, the drift watch's lists: up without a refresh)"
+
+
+def older_declaration(ws, stack: str) -> None:
+    """Make the stack's state say an older program declared it (its declarationVersion output), as
+    after an upgrade of the runner: its next start declares every endpoint again."""
+    from pulumi import automation as auto
+
+    dep = ws.export_stack(stack)
+    root = next(r for r in dep.deployment["resources"] if r["type"] == "pulumi:pulumi:Stack")
+    root["outputs"]["declarationVersion"] = "an older one"
+    ws.import_stack(stack, auto.Deployment(version=dep.version, deployment=dep.deployment))
 
 
 def apiserver_requests(api: client.ApiClient) -> dict[str, int]:
@@ -131,26 +145,38 @@ def measure(n: int, progress, shards: int = 1, table_stream: bool = True, parall
             runner = new_runner()
             tick(START)
             runner.close()
-            # The same with the drift watch (`gco-infra run`): its first lists judge the start.
-            runner = new_runner()
-            ops, calls, reqs0 = runner.operations, store.calls, apiserver_requests(api)
-            t0 = time.perf_counter()
-            with CpuSampler() as cpu:
-                runner.watch_drift()
-                while not all(st.full_done for st in runner.states.values()):
-                    for res in runner.tick():
-                        if res.action in ("failed", "refused"):
-                            raise RuntimeError(res.summary())
-                    time.sleep(0.1)
-            reqs1 = apiserver_requests(api)
-            row["cpu"][WATCHED] = cpu.seconds
-            row["requests"][WATCHED] = {v: reqs1.get(v, 0) - reqs0.get(v, 0) for v in reqs1 if reqs1.get(v, 0) - reqs0.get(v, 0)}
-            row[WATCHED] = (time.perf_counter() - t0, runner.operations - ops, store.calls - calls, "judged")
-            progress(f"N={n} shards={shards} {WATCHED}: {row[WATCHED][0]:.2f}s, {row[WATCHED][1]} op(s); "
-                     f"API requests {row['requests'][WATCHED]}")
+            def watched_start(label: str) -> Runner:
+                """A new runner's start with the drift watch (`gco-infra run`): its first lists judge it."""
+                runner = new_runner()
+                ops, calls, reqs0 = runner.operations, store.calls, apiserver_requests(api)
+                t0 = time.perf_counter()
+                with CpuSampler() as cpu:
+                    runner.watch_drift()
+                    while not all(st.full_done for st in runner.states.values()):
+                        for res in runner.tick():
+                            if res.action in ("failed", "refused"):
+                                raise RuntimeError(res.summary())
+                        time.sleep(0.1)
+                reqs1 = apiserver_requests(api)
+                row["cpu"][label] = cpu.seconds
+                row["requests"][label] = {v: reqs1.get(v, 0) - reqs0.get(v, 0) for v in reqs1 if reqs1.get(v, 0) - reqs0.get(v, 0)}
+                row[label] = (time.perf_counter() - t0, runner.operations - ops, store.calls - calls, "judged")
+                progress(f"N={n} shards={shards} {label}: {row[label][0]:.2f}s, {row[label][1]} op(s); "
+                         f"API requests {row['requests'][label]}; CPU-s "
+                         + ", ".join(f"{k} {v:.1f}" for k, v in row["cpu"][label].items()))
+                return runner
+
+            runner = watched_start(WATCHED)
             # --full: every endpoint declared again (up --refresh), as after a failure.
             tick(DECLARE_ALL, force_full=True)
             runner.close()
+            # An upgrade that declares differently: every endpoint declared again; the watch's lists
+            # found nothing drifted, so without a refresh. (The objects are left as they are here: the
+            # state only says an older program declared them, so this and --full update nothing.)
+            ws = state_backend.workspace(env.pulumi_env())
+            for st in runner.states.values():
+                older_declaration(ws, st.settings.stack)
+            watched_start(NEW_VERSION).close()
             return row
         finally:
             env.down()
@@ -180,7 +206,8 @@ def main() -> None:
                                   parallel=par, checkpoints=args.checkpoints == "on")
                     row["n"] = f"{n}, {k} shard{'s' if k > 1 else ''}, {mode}, parallel {par}"
                     rows.append(row)
-    labels = ["first full apply", "tick after apply", "no-change tick", "one-endpoint change", START, WATCHED, DECLARE_ALL]
+    labels = ["first full apply", "tick after apply", "no-change tick", "one-endpoint change", START, WATCHED, DECLARE_ALL,
+              NEW_VERSION]
     lines = [
         f"# Runner benchmark ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores)",
         "",
@@ -201,13 +228,13 @@ def main() -> None:
     lines += ["", "CPU seconds by part of the system (sampled from /proc):", "",
               "| N, phase | total | " + " | ".join(parts) + " |", "|---|---|" + "---|" * len(parts)]
     for row in rows:
-        for k in ("first full apply", START, WATCHED, DECLARE_ALL, "one-endpoint change"):
+        for k in ("first full apply", START, WATCHED, DECLARE_ALL, NEW_VERSION, "one-endpoint change"):
             cpu = row["cpu"][k]
             lines.append(f"| {row['n']}, {k} | {sum(cpu.values()):.1f} | "
                          + " | ".join(f"{cpu.get(g, 0):.1f}" for g in parts) + " |")
     lines += ["", "Kubernetes requests by verb:", ""]
     for row in rows:
-        for k in ("first full apply", START, WATCHED, DECLARE_ALL):
+        for k in ("first full apply", START, WATCHED, DECLARE_ALL, NEW_VERSION):
             lines.append(f"- {row['n']}, {k}: " + ", ".join(f"{v} {c}" for v, c in sorted(row["requests"][k].items())))
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)

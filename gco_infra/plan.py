@@ -74,7 +74,11 @@ class Plan:
     """A full reconcile that refreshes every object and then updates only the endpoints that need it:
     the touched ones and those whose objects the refresh found changed or deleted by someone else.
     A runner's start does this; the first apply, a new declaration version, --full and the reconcile
-    after a failure declare every endpoint (``up --refresh``)."""
+    after a failure declare every endpoint (``up --refresh``; a new version without one: ``judged``)."""
+    judged: bool = False
+    """A full reconcile declaring every endpoint (a new declaration version) whose objects the drift
+    watch's first lists found as our last update left them: ``up`` without a refresh, which would only
+    read again what the lists have just shown."""
     refused: str | None = None
     applied: int = 0
     """How many endpoints the stack held before this plan."""

@@ -15,7 +15,7 @@ import re
 import time
 import unicodedata
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 from . import manifests as m
 from . import rollout
@@ -187,11 +187,13 @@ def preview_stack(settings: StackSettings, items: list[dict[str, Any]], env: Map
         if settings.stack in {s.name for s in ws.list_stacks()}:
             outputs = {k: v.value for k, v in ws.stack_outputs(settings.stack).items()}
         previous = previous_records_from_outputs(outputs)
-        stack = auto.create_or_select_stack(
-            stack_name=settings.stack, project_name=PROJECT,
-            program=lambda: program.main(items=items, previous=lambda: previous, settings=settings,
-                                         previous_endpoints=outputs.get("endpoints") or {}),
-            opts=state.workspace_options(settings.stack, env))
+        def declare() -> Awaitable[None]:
+            program.main(items=items, previous=lambda: previous, settings=settings,
+                         previous_endpoints=outputs.get("endpoints") or {})
+            return program.outputs_settled()
+
+        stack = auto.create_or_select_stack(stack_name=settings.stack, project_name=PROJECT, program=declare,
+                                            opts=state.workspace_options(settings.stack, env))
         stack.preview(diff=True, refresh=refresh, on_event=events.append, suppress_progress=True, color="never")
     except auto.CommandError as exc:
         result.error = _engine_message(str(exc))

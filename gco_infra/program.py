@@ -8,6 +8,7 @@ reported; it is never dropped, because dropping it would delete what is running.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -484,6 +485,29 @@ def export(settings: StackSettings, declared: Declared, endpoints: Mapping[str, 
     for key, value in values.items():
         pulumi.export(key, secret_records(value) if key == "endpoints" else value)
     return values
+
+
+async def outputs_settled() -> None:
+    """Wait until every output the program created has resolved, one pass per round.
+
+    An inline program returns this for the SDK to await before its own wait for outstanding
+    outputs, which calls ``asyncio.wait(FIRST_COMPLETED)`` over all of them again each time one
+    resolves: quadratic in a stack's outputs, 14 % of a declaring worker's CPU at 100 endpoints
+    per shard (bench/RESULTS.md). After this the SDK finds them resolved and raises any failure
+    as before (a failed output stays where it tracks them). Only where the pinned SDK keeps them
+    (``pulumi.runtime.settings.SETTINGS.outputs``); elsewhere the SDK's own wait does it all.
+    """
+    from pulumi.runtime import settings
+
+    holder = settings.SETTINGS
+    while isinstance(getattr(holder, "outputs", None), set) and hasattr(holder, "lock"):
+        if getattr(settings._get_rpc_manager(), "unhandled_exception", None) is not None:
+            return  # the SDK raises it right away
+        with holder.lock:
+            pending = [task for task in holder.outputs if not task.done()]
+        if not pending:
+            return
+        await asyncio.wait(pending)
 
 
 def main(items: list[Mapping[str, Any]] | None = None,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Awaitable, Callable, Iterator, Mapping
 
 from . import state as state_backend
 from .drift import recorded_objects
@@ -160,13 +160,14 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
     only = None if full else set(plan.targeted)
     previous_endpoints = (outputs or {}).get("endpoints") or {}
 
-    def declaring(names: set[str] | None, applied: Mapping[str, Any]) -> Callable[[], None]:
+    def declaring(names: set[str] | None, applied: Mapping[str, Any]) -> Callable[[], Awaitable[None]]:
         """The inline program, declaring ``names`` (None: every endpoint) over the stack's ``applied``
         endpoint outputs; it keeps what it exported for answered_by_the_operation."""
-        def run() -> None:
+        def run() -> Awaitable[None]:
             declared = program.main(items=items, previous=lambda: previous, settings=settings, only=names,
                                     previous_endpoints=applied)
             captured["outputs"] = json.loads(json.dumps(declared.exported))  # as the state will return them
+            return program.outputs_settled()
         return run
 
     def changes(summary: Any) -> Mapping[str, int]:
@@ -228,7 +229,7 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
         else:
             with answered_by_the_operation(stack, captured):
                 if full:
-                    up = stack.up(refresh=True, **kwargs)
+                    up = stack.up(refresh=not plan.judged, **kwargs)
                 else:
                     # Refreshing just the targets sees what the health job or a person removed out of band.
                     up = stack.up(target=targets, refresh=True, **kwargs)
@@ -695,7 +696,9 @@ class Runner:
                               opts=self.opts, desired=desired, recently_removed=recent.get(state.settings.stack, 0))
             plan.refresh_first = refresh_first(plan, forced=force_full or state.forced, failed=state.failed,
                                                pending=state.pending)
-            if plan.refresh_first and state.settings.region in self.drift:
+            judging = plan.refresh_first or new_declaration(plan, forced=force_full or state.forced,
+                                                            failed=state.failed, pending=state.pending)
+            if judging and state.settings.region in self.drift:
                 if not self._judged_by_the_watch(state, plan, now):
                     if now - self._watch_started < WATCH_LIST_WAIT and not self.drift[state.settings.region].errors:
                         continue  # its first lists are coming: they judge this start in a moment
@@ -993,6 +996,17 @@ class Runner:
         # as the watch's drift: what the stack declares (a kept invalid record's last declaration too)
         drifted = sorted(n for n in found if n in applied and (n in plan.desired or n in plan.kept)
                          and n not in plan.touched)
+        if plan.reason == "declaration version changed":  # every endpoint is declared again (new_declaration)
+            # its touched endpoints too: without a refresh, their update would not see what was drifted
+            seen = [n for n in (self._drifted.get(plan.region) or {}) if state.settings.owns(n)]
+            drifted = sorted(n for n in set(found) | set(seen)  # and what the watch saw since its lists
+                             if n in applied and (n in plan.desired or n in plan.kept))
+            plan.judged = not drifted
+            self.progress(f"{plan.stack}: {len(state.recorded)} object(s) judged against the checkpoint from the "
+                          f"drift watch's lists, {len(drifted)} endpoint(s) drifted: every endpoint is declared "
+                          + ("again without a refresh" if plan.judged else f"again with a refresh ({', '.join(drifted[:5])}"
+                             f"{', ...' if len(drifted) > 5 else ''} drifted)"))
+            return True
         plan.full, plan.refresh_first, plan.reason = False, False, ""
         plan.drifted = drifted
         plan.drift_seen = {n: found[n] for n in drifted}
@@ -1019,7 +1033,10 @@ class Runner:
 
     def _settle_drift(self, settings: StackSettings, plan: Plan) -> None:
         """This stack's pending drift is handled by its plan (repaired by it, a full reconcile, or
-        nothing to repair); a repair that fails puts it back (_complete)."""
+        nothing to repair); a repair that fails puts it back (_complete). An update without a refresh
+        (Plan.judged) repairs nothing: what the watch saw since it was planned stays for a repair."""
+        if plan.judged:
+            return
         pending = self._drifted.get(settings.region)
         for name in [n for n in (pending or {}) if settings.owns(n)]:
             del pending[name]
@@ -1152,7 +1169,18 @@ def refresh_first(plan: Plan, *, forced: bool, failed: bool, pending: int = 0) -
     return plan.full and plan.reason == "full reconcile" and not forced and not failed and not pending
 
 
+def new_declaration(plan: Plan, *, forced: bool, failed: bool, pending: int = 0) -> bool:
+    """Whether a full reconcile that declares every endpoint may skip its refresh if the drift watch's
+    first lists find nothing drifted (Plan.judged): a runner's start under a new declaration version,
+    over a checkpoint our last update left (not after a failure or an interrupted update, whose state
+    may not say what the engine did, nor a person's --full, which asks for a refresh)."""
+    return (plan.full and plan.reason == "declaration version changed" and not plan.refresh_first
+            and not forced and not failed and not pending)
+
+
 def describe(plan: Plan) -> str:
+    if plan.judged:
+        return f"full up without a refresh ({plan.reason}; the drift watch's lists found nothing drifted)"
     if plan.refresh_first:
         return f"full reconcile: refresh, then update what changed or drifted ({plan.reason})"
     if plan.full:

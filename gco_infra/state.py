@@ -433,6 +433,9 @@ def pending_operations(stack: str, env: Mapping[str, str]) -> int | None:
         return None  # not where this layout puts it (or never written): the engine's export decides
     if set(files) != {".json"}:
         return None
+    raw = files[".json"]
+    if raw.lstrip().startswith(b"{") and b'"checkpoint"' in raw and b'"pending_operations"' not in raw:
+        return 0  # the engine leaves the key out when there are none; not parsing is most of the cost
     try:
         latest = json.loads(files[".json"])["checkpoint"].get("latest") or {}
     except (ValueError, KeyError, TypeError, AttributeError):

@@ -364,3 +364,46 @@ def test_a_runners_start_with_the_drift_watch_is_judged_from_its_first_lists(env
         assert fresh.drift["local-1"].first_lists() is None  # judged: the lists are dropped
     finally:
         fresh.close()
+
+
+def test_a_new_declaration_version_declares_every_endpoint_without_a_refresh_unless_something_drifted(
+        env, tick, runner, kube1, monkeypatch):
+    from gco_infra import manifests
+
+    names = [f"version-{i}" for i in range(3)]
+    for n in names:
+        put(env, n)
+    tick()
+    old = manifests.DECLARATION_VERSION
+
+    def start(version):
+        """A new runner's start (with its drift watch) under the program's declaration ``version``."""
+        monkeypatch.setattr(manifests, "DECLARATION_VERSION", version)
+        fresh = make_runner(env, stacks=("local",))
+        said, results = [], []
+        fresh.progress = said.append
+        try:
+            fresh.watch_drift()
+            deadline = time.monotonic() + 120
+            while not fresh.states["local"].full_done and time.monotonic() < deadline:
+                results += fresh.tick()
+                time.sleep(0.1)
+            assert [r.action for r in results if r.region == "local-1"] == ["full"], [r.summary() for r in results]
+            assert fresh.operations == 1
+            assert fresh.states["local"].outputs["declarationVersion"] == version
+            return said
+        finally:
+            fresh.close()
+
+    said = start(old + "-next")
+    assert any("0 endpoint(s) drifted: every endpoint is declared again without a refresh" in m for m in said), said
+    assert "local: full up without a refresh (declaration version changed; the drift watch's lists found nothing " \
+           "drifted)" in said
+    # a Service deleted while no runner ran: the lists find it, and every endpoint is declared with a refresh
+    kube1.core.delete_namespaced_service("version-1", "gco-inference")
+    said = start(old)
+    assert any("1 endpoint(s) drifted: every endpoint is declared again with a refresh (version-1 drifted)" in m
+               for m in said), said
+    assert "local: full up --refresh (declaration version changed)" in said
+    assert kube1.service("version-1") is not None
+    assert all(kube1.deployment(n) is not None for n in names)

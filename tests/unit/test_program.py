@@ -300,3 +300,44 @@ def test_endpoint_named_like_another_endpoints_canary_is_reported_not_declared()
     assert 'endpoint "x"' in declared.invalid["x-canary"][0] and "x" in declared.invalid
     got, _, declared, _ = run([item("x"), item("x-canary")])
     assert got == plain("x") | plain("x-canary") and not declared.invalid
+
+
+def test_the_program_waits_for_its_outputs_in_rounds_not_once_per_output(monkeypatch):
+    """outputs_settled waits for every output the SDK tracks, with one asyncio.wait per round
+    (the SDK's own wait runs one per resolved output), and leaves a failed one for the SDK to raise."""
+    import asyncio
+
+    from pulumi.runtime import settings as sdk_settings
+
+    from gco_infra.program import outputs_settled
+
+    waits = []
+    real_wait = asyncio.wait
+
+    async def counted(tasks, *a, **kw):
+        waits.append(len(tasks))
+        return await real_wait(tasks, *a, **kw)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(200)]
+        known = loop.create_future()
+        known.set_result(True)
+        outputs = [pulumi.Output(set(), f, known) for f in futures]
+        derived = [o.apply(lambda v: v + 1) for o in outputs[:50]]  # a second round, made from the first
+        tracked = set(sdk_settings.SETTINGS.outputs)
+        assert len(tracked) >= 200, "the pinned SDK no longer tracks outputs where outputs_settled looks"
+        for i, f in enumerate(futures[:-1]):
+            loop.call_later(0.001 * (i % 20), f.set_result, i)
+        loop.call_later(0.02, futures[-1].set_exception, RuntimeError("boom"))
+        monkeypatch.setattr(asyncio, "wait", counted)
+        await asyncio.wait_for(outputs_settled(), 10)
+        monkeypatch.setattr(asyncio, "wait", real_wait)
+        assert all(t.done() for t in tracked)
+        assert [await d.future() for d in derived] == list(range(1, 51))
+        left = [t for t in sdk_settings.SETTINGS.outputs if t.exception() is not None]
+        assert len(left) == 1 and "boom" in str(left[0].exception())  # the SDK's own wait raises it
+        sdk_settings.SETTINGS.outputs.clear()
+
+    asyncio.run(scenario())
+    assert 1 <= len(waits) <= 4, waits

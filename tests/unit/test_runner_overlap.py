@@ -383,6 +383,47 @@ def test_a_start_with_a_watch_is_judged_from_its_first_lists_and_repairs_only_wh
     assert r.drift[REGION].forgotten  # the region's only stack: nothing judges from the lists any more
 
 
+def test_a_new_declaration_version_skips_its_refresh_only_when_the_watch_found_nothing_drifted():
+    from gco_infra.drift import owned_by_us
+    from gco_infra.runner import describe, new_declaration
+
+    r = runner()
+    state = r.states[S.stack]
+    state.outputs, state.outputs_loaded = outputs_for([item("a"), item("b")]), True
+    state.outputs["declarationVersion"] = "an older one"
+    apply = [{"manager": "pulumi-kubernetes-1", "operation": "Apply", "fieldsV1": {"f:spec": {}}}]
+    state.recorded = {("Deployment", "gco-inference", n): (n, owned_by_us(apply)) for n in "ab"}
+    validated = validate_all([item("a"), item("b")])
+
+    def planned():
+        plan = plan_stack(S, validated, state.outputs, full_due=False, opts=r.opts)
+        assert (plan.full, plan.reason) == (True, "declaration version changed")
+        return plan
+
+    plan = planned()
+    assert new_declaration(plan, forced=False, failed=False)
+    assert not new_declaration(plan, forced=True, failed=False)  # a person's --full refreshes
+    assert not new_declaration(plan, forced=False, failed=True)  # so does the reconcile after a failure
+    assert not new_declaration(plan, forced=False, failed=False, pending=1)
+    r.drift[REGION] = _Watch({k: apply for k in state.recorded})
+    assert r._judged_by_the_watch(state, plan, 5.0)
+    assert plan.full and plan.judged and not plan.refresh_first  # every endpoint, no refresh
+    assert describe(plan).startswith("full up without a refresh")
+    assert not state.full_done and not r.drift[REGION].forgotten  # settled when the update ends
+    # b's Deployment gone while no runner watched: every endpoint with a refresh
+    r.drift[REGION] = _Watch({("Deployment", "gco-inference", "a"): apply})
+    plan = planned()
+    assert r._judged_by_the_watch(state, plan, 5.0) and plan.full and not plan.judged
+    # what the watch saw since its lists counts too, and an update without a refresh leaves it for a repair
+    r.drift[REGION] = _Watch({k: apply for k in state.recorded})
+    r._drifted[REGION] = {"b": Drift("Deployment", "gco-inference", "b", "deleted", 4.0)}
+    plan = planned()
+    assert r._judged_by_the_watch(state, plan, 5.0) and not plan.judged
+    r._drifted[REGION] = {"b": Drift("Deployment", "gco-inference", "b", "deleted", 6.0)}
+    r._settle_drift(S, replace(plan, judged=True))
+    assert "b" in r._drifted[REGION]
+
+
 def test_a_start_trusts_the_checkpoint_only_after_a_succeeded_update_or_a_refresh_that_changed_nothing():
     from gco_infra.plan import trusted_checkpoint
 

@@ -129,6 +129,10 @@ def test_pending_operations_are_read_from_the_checkpoint_without_the_engine(tmp_
     assert state.pending_operations("clean", env) == 0
     _checkpoint(tmp_path, "killed", {"resources": [], "pending_operations": [{"type": "creating"}, {"type": "updating"}]})
     assert state.pending_operations("killed", env) == 2
+    _checkpoint(tmp_path, "empty", {"resources": [], "pending_operations": []})
+    assert state.pending_operations("empty", env) == 0
+    _checkpoint(tmp_path, "mention", {"resources": [{"urn": "u", "outputs": {"pending_operations": [1]}}]})
+    assert state.pending_operations("mention", env) == 0  # the text alone is not the key: parsed then
     (tmp_path / ".pulumi" / "stacks" / state.PROJECT / "odd.json").write_text("{not json")
     assert state.pending_operations("odd", env) is None  # unreadable: the engine's export decides
     _checkpoint(tmp_path, "zipped", {"resources": []}, suffix=".json.gz")
