@@ -228,8 +228,8 @@ def operate(settings: StackSettings, items: list[dict[str, Any]], plan: Plan, ou
                     up = stack.up(target=targets_for(work, valid(), settings, outputs), **kwargs)
         else:
             with answered_by_the_operation(stack, captured):
-                if full:
-                    up = stack.up(refresh=not plan.judged, **kwargs)
+                if full:  # a lock or pending operations just cleared: the state may not say what that update did
+                    up = stack.up(refresh=bool(not plan.judged or unlocked or cleared), **kwargs)
                 else:
                     # Refreshing just the targets sees what the health job or a person removed out of band.
                     up = stack.up(target=targets, refresh=True, **kwargs)
@@ -671,6 +671,8 @@ class Runner:
             if self._changed_elsewhere(state):
                 self.progress(f"{state.settings.stack}: changed by another update since the last read; reading it again")
                 state.outputs_loaded = False
+                if not state.last_full:  # before its start's reconcile: whether that update left it trustworthy
+                    state.history_read = False
             to_load.append(state)
         for state, error in zip(to_load, self._load_all(to_load)):
             if error is not None:

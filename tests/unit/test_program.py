@@ -339,5 +339,8 @@ def test_the_program_waits_for_its_outputs_in_rounds_not_once_per_output(monkeyp
         assert len(left) == 1 and "boom" in str(left[0].exception())  # the SDK's own wait raises it
         sdk_settings.SETTINGS.outputs.clear()
 
-    asyncio.run(scenario())
+    try:
+        asyncio.run(scenario())
+    finally:
+        sdk_settings.SETTINGS.outputs.clear()
     assert 1 <= len(waits) <= 4, waits
