@@ -995,20 +995,19 @@ class Runner:
             return False
         found = judge_since(state.recorded, listed, now)
         applied = (state.outputs or {}).get("endpoints") or {}
-        # as the watch's drift: what the stack declares (a kept invalid record's last declaration too)
-        drifted = sorted(n for n in found if n in applied and (n in plan.desired or n in plan.kept)
-                         and n not in plan.touched)
+        declared = lambda n: n in applied and (n in plan.desired or n in plan.kept)  # noqa: E731
         if plan.reason == "declaration version changed":  # every endpoint is declared again (new_declaration)
             # its touched endpoints too: without a refresh, their update would not see what was drifted
             seen = [n for n in (self._drifted.get(plan.region) or {}) if state.settings.owns(n)]
-            drifted = sorted(n for n in set(found) | set(seen)  # and what the watch saw since its lists
-                             if n in applied and (n in plan.desired or n in plan.kept))
+            drifted = sorted(n for n in set(found) | set(seen) if declared(n))  # and what the watch saw since
             plan.judged = not drifted
             self.progress(f"{plan.stack}: {len(state.recorded)} object(s) judged against the checkpoint from the "
                           f"drift watch's lists, {len(drifted)} endpoint(s) drifted: every endpoint is declared "
                           + ("again without a refresh" if plan.judged else f"again with a refresh ({', '.join(drifted[:5])}"
                              f"{', ...' if len(drifted) > 5 else ''} drifted)"))
             return True
+        # as the watch's drift: what the stack declares (a kept invalid record's last declaration too)
+        drifted = sorted(n for n in found if declared(n) and n not in plan.touched)
         plan.full, plan.refresh_first, plan.reason = False, False, ""
         plan.drifted = drifted
         plan.drift_seen = {n: found[n] for n in drifted}

@@ -437,7 +437,7 @@ def pending_operations(stack: str, env: Mapping[str, str]) -> int | None:
     if raw.lstrip().startswith(b"{") and b'"checkpoint"' in raw and b'"pending_operations"' not in raw:
         return 0  # the engine leaves the key out when there are none; not parsing is most of the cost
     try:
-        latest = json.loads(files[".json"])["checkpoint"].get("latest") or {}
+        latest = json.loads(raw)["checkpoint"].get("latest") or {}
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
     pending = latest.get("pending_operations") if isinstance(latest, Mapping) else None
