@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import pulumi
-import pulumi_kubernetes as k8s
+from pulumi.runtime import rpc
 
 from . import manifests as m
 
@@ -26,15 +26,54 @@ TYPE_TOKENS = {
     m.HPA: "kubernetes:autoscaling/v2:HorizontalPodAutoscaler",
 }
 
-_KINDS = {
-    m.DEPLOYMENT: k8s.apps.v1.Deployment,
-    m.CANARY_DEPLOYMENT: k8s.apps.v1.Deployment,
-    m.SERVICE: k8s.core.v1.Service,
-    m.CANARY_SERVICE: k8s.core.v1.Service,
-    m.INGRESS: k8s.networking.v1.Ingress,
-    m.CANARY_INGRESS: k8s.networking.v1.Ingress,
-    m.HPA: k8s.autoscaling.v2.HorizontalPodAutoscaler,
-}
+
+
+class KubernetesObject(pulumi.CustomResource):
+    """One Kubernetes object, declared with the Kubernetes provider's type token from a plain
+    manifest (API field names), as the generated classes (``pulumi_kubernetes.apps.v1.Deployment``,
+    ...) declare it: the same URN, inputs and provider, so a stack they applied sees no change.
+
+    What it leaves out, both paid per object on every declaration (bench/RESULTS.md):
+    - the generated classes' aliases to API versions this program never declared (three for a
+      Deployment and an HPA, two for an Ingress), each an alias spec the SDK builds and the engine
+      resolves against the state;
+    - reading its outputs back: the engine answers each registration with the live object
+      (managedFields and status included), which the SDK deserializes and translates into typed
+      output classes, a third of a declaring worker's CPU. The program never reads them, so its
+      ``metadata`` and ``spec`` outputs resolve to None (unknown in a preview); ``urn`` and ``id``
+      resolve as usual, and a failed registration fails them as before. Read the live object from the
+      cluster instead.
+    """
+
+    metadata: pulumi.Output[Any]
+    spec: pulumi.Output[Any]
+    outputs_read_back = False
+
+    def __init__(self, type_token: str, obj: Mapping[str, Any], spec: Any,
+                 opts: pulumi.ResourceOptions | None = None) -> None:
+        _outputs_not_read_back()
+        meta = obj["metadata"]
+        super().__init__(type_token, meta["name"],
+                         {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "metadata": meta, "spec": spec}, opts)
+
+
+_SDK_RESOLVE_OUTPUTS = rpc.resolve_outputs
+
+
+def _resolve_outputs(res: Any, serialized_props: Any, outputs: Any, deps: Any, resolvers: Any, custom: bool,
+                     *args: Any, **kwargs: Any) -> None:
+    if getattr(type(res), "outputs_read_back", True) is False:
+        rpc.resolve_properties(resolvers, {}, {}, custom)  # every output: None (unknown in a preview)
+        return
+    _SDK_RESOLVE_OUTPUTS(res, serialized_props, outputs, deps, resolvers, custom, *args, **kwargs)
+
+
+def _outputs_not_read_back() -> None:
+    """Install, once per process, the SDK hook that leaves KubernetesObject outputs unread (the
+    pinned SDK, 3.272.0: ``pulumi.runtime.rpc.resolve_outputs``, called by ``register_resource`` for
+    every resource; any other resource resolves as the SDK does)."""
+    if rpc.resolve_outputs is not _resolve_outputs and rpc.resolve_outputs is _SDK_RESOLVE_OUTPUTS:
+        rpc.resolve_outputs = _resolve_outputs
 
 
 @dataclass(frozen=True)
@@ -69,12 +108,11 @@ class InferenceEndpoint(pulumi.ComponentResource):
     def __init__(self, name: str, args: InferenceEndpointArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__(TYPE, name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
-        self.resources: dict[str, pulumi.CustomResource] = {}
+        self.resources: dict[str, KubernetesObject] = {}
         for role in m.ROLES:
             obj = args.objects.get(role)
             if obj is None:
                 continue
-            meta = obj["metadata"]
             opts, spec = child, _protect_secrets(obj)
             if role == m.DEPLOYMENT and m.HPA in args.objects:
                 # The HPA owns the replica count. "ignore": the provider keeps the live count while
@@ -85,7 +123,7 @@ class InferenceEndpoint(pulumi.ComponentResource):
                     opts = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(ignore_changes=["spec.replicas"]))
                 elif args.replicas == "omit":
                     spec = {k: v for k, v in spec.items() if k != "replicas"}
-            self.resources[role] = _KINDS[role](meta["name"], metadata=meta, spec=spec, opts=opts)
+            self.resources[role] = KubernetesObject(TYPE_TOKENS[role], obj, spec, opts)
         self.register_outputs({
             "fingerprint": args.fingerprint, "state": args.state,
             "objects": {role: f'{obj["kind"]}/{obj["metadata"]["namespace"]}/{obj["metadata"]["name"]}'

@@ -407,3 +407,36 @@ def test_a_new_declaration_version_declares_every_endpoint_without_a_refresh_unl
     assert "local: full up --refresh (declaration version changed)" in said
     assert kube1.service("version-1") is not None
     assert all(kube1.deployment(n) is not None for n in names)
+
+
+def test_a_stack_the_generated_kubernetes_classes_applied_is_declared_by_kubernetes_object_without_a_change(
+        env, tick, runner, kube1, monkeypatch):
+    """Stacks applied before KubernetesObject hold objects the generated classes declared (with their
+    aliases to older API versions): every endpoint declared again finds nothing to change."""
+    import pulumi_kubernetes as k8s
+
+    from gco_infra import component
+
+    generated = {"kubernetes:apps/v1:Deployment": k8s.apps.v1.Deployment, "kubernetes:core/v1:Service": k8s.core.v1.Service,
+                 "kubernetes:networking.k8s.io/v1:Ingress": k8s.networking.v1.Ingress,
+                 "kubernetes:autoscaling/v2:HorizontalPodAutoscaler": k8s.autoscaling.v2.HorizontalPodAutoscaler}
+
+    declared_as_before = []
+
+    def as_before(token, obj, spec, opts=None):
+        declared_as_before.append(token)
+        return generated[token](obj["metadata"]["name"], metadata=obj["metadata"], spec=spec, opts=opts)
+
+    monkeypatch.setattr(component, "KubernetesObject", as_before)
+    put(env, "generated-plain")
+    put(env, "generated-full", autoscaling={"enabled": True, "min_replicas": 2, "max_replicas": 4},
+        canary={"image": "example.com/org/server:2", "weight": 10}, env={"API_TOKEN": "t0"})
+    tick()
+    assert len(declared_as_before) >= 10, declared_as_before  # 3 objects, and 7 with an HPA and a canary
+    assert kube1.autoscaler("generated-full") is not None and kube1.deployment("generated-full-canary") is not None
+    written = {n: kube1.written(n) for n in ("generated-plain", "generated-full", "generated-full-canary")}
+    monkeypatch.undo()
+    assert component.KubernetesObject.__module__ == "gco_infra.component"
+    full = next(r for r in tick(force_full=True) if r.region == "local-1")
+    assert (full.action, full.created, full.updated, full.deleted, full.failed) == ("full", 0, 0, 0, 0), full.summary()
+    assert {n: kube1.written(n) for n in written} == written
