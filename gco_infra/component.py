@@ -29,24 +29,19 @@ TYPE_TOKENS = {
 
 
 class KubernetesObject(pulumi.CustomResource):
-    """One Kubernetes object, declared with the Kubernetes provider's type token from a plain
-    manifest (API field names), as the generated classes (``pulumi_kubernetes.apps.v1.Deployment``,
-    ...) declare it: the same URN, inputs and provider, so a stack they applied sees no change.
+    """One Kubernetes object from a plain manifest, registered as the generated classes
+    (``pulumi_kubernetes.apps.v1.Deployment``, ...) register it: the same type token, name, inputs
+    and provider, so a stack they applied sees no change.
 
-    What it leaves out, both paid per object on every declaration (bench/RESULTS.md):
-    - the generated classes' aliases to API versions this program never declared (three for a
-      Deployment and an HPA, two for an Ingress), each an alias spec the SDK builds and the engine
-      resolves against the state;
-    - reading its outputs back: the engine answers each registration with the live object
-      (managedFields and status included), which the SDK deserializes and translates into typed
-      output classes, a third of a declaring worker's CPU. The program never reads them, so its
-      ``metadata`` and ``spec`` outputs resolve to None (unknown in a preview); ``urn`` and ``id``
-      resolve as usual, and a failed registration fails them as before. Read the live object from the
-      cluster instead.
+    Two per-object costs of those classes are left out (bench/RESULTS.md, fourth step): their aliases
+    to API versions this program never declared (three for a Deployment and an HPA, two for an
+    Ingress), and reading the live object back. The engine answers each registration with it
+    (managedFields and status included) and the SDK translates it into typed output classes: a
+    third of a declaring worker's CPU, for outputs the program never reads. So every output but
+    ``urn`` and ``id`` resolves to None (unknown in a preview, or where the SDK marks it so); read
+    the live object from the cluster instead.
     """
 
-    metadata: pulumi.Output[Any]
-    spec: pulumi.Output[Any]
     outputs_read_back = False
 
     def __init__(self, type_token: str, obj: Mapping[str, Any], spec: Any,
@@ -61,18 +56,20 @@ _SDK_RESOLVE_OUTPUTS = rpc.resolve_outputs
 
 
 def _resolve_outputs(res: Any, serialized_props: Any, outputs: Any, deps: Any, resolvers: Any, custom: bool,
-                     *args: Any, **kwargs: Any) -> None:
+                     transform_using_type_metadata: bool = False, keep_unknowns: bool = False,
+                     resolve_missing_as_unknown: bool = False) -> None:
     if getattr(type(res), "outputs_read_back", True) is False:
-        rpc.resolve_properties(resolvers, {}, {}, custom)  # every output: None (unknown in a preview)
+        rpc.resolve_properties(resolvers, {}, {}, custom, resolve_missing_as_unknown)
         return
-    _SDK_RESOLVE_OUTPUTS(res, serialized_props, outputs, deps, resolvers, custom, *args, **kwargs)
+    _SDK_RESOLVE_OUTPUTS(res, serialized_props, outputs, deps, resolvers, custom, transform_using_type_metadata,
+                         keep_unknowns, resolve_missing_as_unknown)
 
 
 def _outputs_not_read_back() -> None:
-    """Install, once per process, the SDK hook that leaves KubernetesObject outputs unread (the
-    pinned SDK, 3.272.0: ``pulumi.runtime.rpc.resolve_outputs``, called by ``register_resource`` for
-    every resource; any other resource resolves as the SDK does)."""
-    if rpc.resolve_outputs is not _resolve_outputs and rpc.resolve_outputs is _SDK_RESOLVE_OUTPUTS:
+    """Install, once per process, the hook that leaves KubernetesObject outputs unread: the pinned
+    SDK (3.272.0) resolves every resource's outputs through ``pulumi.runtime.rpc.resolve_outputs``
+    (registered, read or got); any other resource resolves as the SDK does."""
+    if rpc.resolve_outputs is _SDK_RESOLVE_OUTPUTS:
         rpc.resolve_outputs = _resolve_outputs
 
 

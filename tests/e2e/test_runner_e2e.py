@@ -436,7 +436,6 @@ def test_a_stack_the_generated_kubernetes_classes_applied_is_declared_by_kuberne
     assert kube1.autoscaler("generated-full") is not None and kube1.deployment("generated-full-canary") is not None
     written = {n: kube1.written(n) for n in ("generated-plain", "generated-full", "generated-full-canary")}
     monkeypatch.undo()
-    assert component.KubernetesObject.__module__ == "gco_infra.component"
     full = next(r for r in tick(force_full=True) if r.region == "local-1")
     assert (full.action, full.created, full.updated, full.deleted, full.failed) == ("full", 0, 0, 0, 0), full.summary()
     assert {n: kube1.written(n) for n in written} == written
