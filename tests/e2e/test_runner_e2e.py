@@ -151,8 +151,8 @@ def test_table_unreachable_mid_read_changes_nothing(env, tick, runner, kube1, tm
     assert kube1.names() == before
 
 
-def _cli(env, *args, **kw):
-    e = dict(os.environ, GCO_STATE_DIR=str(env.path), PYTHONUNBUFFERED="1")
+def _cli(env, *args, extra_env=None, **kw):
+    e = dict(os.environ, GCO_STATE_DIR=str(env.path), PYTHONUNBUFFERED="1", **(extra_env or {}))
     return subprocess.Popen([sys.executable, "-m", "gco_infra.cli", "--json-logs", *args], env=e,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
 
@@ -166,7 +166,10 @@ def _lock_files(env, stack):
 def test_two_runners_at_once_one_skips(env, tick, runner, kube1):
     for i in range(25):
         put(env, f"busy-{i}", env={"ROUND": "1"})
-    first = _cli(env, "run", "--once", "--stack", "local")
+    # The first runner's provider sends 5 requests a second (an operator's own client limits win):
+    # its update holds the lock for 15 s or more, while the second one starts.
+    first = _cli(env, "run", "--once", "--stack", "local",
+                 extra_env={"PULUMI_K8S_CLIENT_QPS": "5", "PULUMI_K8S_CLIENT_BURST": "5"})
     deadline = time.monotonic() + 60
     while not _lock_files(env, "local") and time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.05)
