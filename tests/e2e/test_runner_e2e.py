@@ -157,6 +157,20 @@ def _cli(env, *args, extra_env=None, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
 
 
+def _stop_orphaned_plugins(env):
+    """Stop the plugins a SIGKILLed engine left behind: the engine starts each in a process group of
+    its own, so killing the runner's group does not reach them (a pod's end would)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        comm, ppid = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()[1]
+        if comm.startswith("pulumi-") and ppid == "1" and f"GCO_STATE_DIR={env.path}".encode() in environ:
+            os.kill(int(pid), signal.SIGKILL)
+
+
 def _lock_files(env, stack):
     from gco_infra.state import backend_for
 
@@ -198,6 +212,7 @@ def test_runner_killed_during_up_recovers_and_converges(env, runner, kube1):
     time.sleep(1.0)  # inside the update
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(timeout=30)
+    _stop_orphaned_plugins(env)
     assert _lock_files(env, "local"), "the killed update left no lock: nothing to recover"
     recovering = make_runner(env, stacks=("local",))  # default options: nothing tuned for the test
     said = []
