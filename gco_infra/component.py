@@ -27,7 +27,6 @@ TYPE_TOKENS = {
 }
 
 
-
 class KubernetesObject(pulumi.CustomResource):
     """One Kubernetes object from a plain manifest, registered as the generated classes
     (``pulumi_kubernetes.apps.v1.Deployment``, ...) register it: the same type token, name, inputs

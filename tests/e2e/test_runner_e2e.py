@@ -431,19 +431,15 @@ def test_a_stack_the_generated_kubernetes_classes_applied_is_declared_by_kuberne
         env, tick, runner, kube1, monkeypatch):
     """Stacks applied before KubernetesObject hold objects the generated classes declared (with their
     aliases to older API versions): every endpoint declared again finds nothing to change."""
-    import pulumi_kubernetes as k8s
-
     from gco_infra import component
 
-    generated = {"kubernetes:apps/v1:Deployment": k8s.apps.v1.Deployment, "kubernetes:core/v1:Service": k8s.core.v1.Service,
-                 "kubernetes:networking.k8s.io/v1:Ingress": k8s.networking.v1.Ingress,
-                 "kubernetes:autoscaling/v2:HorizontalPodAutoscaler": k8s.autoscaling.v2.HorizontalPodAutoscaler}
+    from ..unit.test_component import as_generated
 
     declared_as_before = []
 
     def as_before(token, obj, spec, opts=None):
         declared_as_before.append(token)
-        return generated[token](obj["metadata"]["name"], metadata=obj["metadata"], spec=spec, opts=opts)
+        return as_generated(token, obj, spec, opts)
 
     monkeypatch.setattr(component, "KubernetesObject", as_before)
     put(env, "generated-plain")

@@ -20,6 +20,13 @@ from .test_program import item, run
 GENERATED = {"kubernetes:apps/v1:Deployment": k8s.apps.v1.Deployment, "kubernetes:core/v1:Service": k8s.core.v1.Service,
              "kubernetes:networking.k8s.io/v1:Ingress": k8s.networking.v1.Ingress,
              "kubernetes:autoscaling/v2:HorizontalPodAutoscaler": k8s.autoscaling.v2.HorizontalPodAutoscaler}
+
+
+def as_generated(token, obj, spec, opts=None):
+    """The object as the program declared it before KubernetesObject: with the generated class."""
+    return GENERATED[token](obj["metadata"]["name"], metadata=obj["metadata"], spec=spec, opts=opts)
+
+
 FULL = item(replicas=3, autoscaling={"enabled": True, "min_replicas": 2, "max_replicas": 5},
             canary={"image": "org/server:2", "weight": 30}, env={"API_TOKEN": "t0", "MODE": "fast"})
 OBJ = {"apiVersion": "apps/v1", "kind": "Deployment",
@@ -29,8 +36,7 @@ OBJ = {"apiVersion": "apps/v1", "kind": "Deployment",
 
 def test_every_role_registers_the_type_name_and_inputs_the_generated_classes_register(monkeypatch):
     ours, our_inputs, _, _ = run([FULL])
-    monkeypatch.setattr(component, "KubernetesObject", lambda token, obj, spec, opts=None: GENERATED[token](
-        obj["metadata"]["name"], metadata=obj["metadata"], spec=spec, opts=opts))
+    monkeypatch.setattr(component, "KubernetesObject", as_generated)
     theirs, their_inputs, _, _ = run([FULL])
     assert len(ours) == 8 and ours == theirs  # the component and its 7 objects
     assert our_inputs == their_inputs
