@@ -448,6 +448,12 @@ def test_a_stack_the_generated_kubernetes_classes_applied_is_declared_by_kuberne
     tick()
     assert len(declared_as_before) >= 10, declared_as_before  # 3 objects, and 7 with an HPA and a canary
     assert kube1.autoscaler("generated-full") is not None and kube1.deployment("generated-full-canary") is not None
+    # the HPA controller raises the Deployment to its minimum within a sync or two, a write of its own
+    # (generation 2) that must not be read as ours: record after it
+    deadline = time.monotonic() + 60
+    while kube1.deployment("generated-full").spec.replicas != 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert kube1.deployment("generated-full").spec.replicas == 2, "the HPA controller did not scale to minReplicas"
     written = {n: kube1.written(n) for n in ("generated-plain", "generated-full", "generated-full-canary")}
     monkeypatch.undo()
     full = next(r for r in tick(force_full=True) if r.region == "local-1")
