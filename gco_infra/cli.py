@@ -130,7 +130,7 @@ def local_env() -> None:
     values["GCO_KUBECONFIG"] = str(env.kubeconfig("local-1"))
     values["GCO_PULUMI_PROJECT"] = str(env.pulumi_project)
     for k, v in values.items():
-        out.print(f"export {k}={shlex.quote(v)}", highlight=False)
+        click.echo(f"export {k}={shlex.quote(v)}")  # for a shell's eval: never wrapped at a console's width
 
 
 def _print_status(env: localenv.LocalEnv) -> bool:
