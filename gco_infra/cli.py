@@ -122,6 +122,8 @@ def local_env() -> None:
 
     \b
       eval "$(gco-infra local env)"; pulumi -C "$GCO_PULUMI_PROJECT" preview -s local
+
+    `preview` and `up` also need the pulumi-language-python plugin on PATH (see the README).
     """
     env = localenv.LocalEnv.load()
     import shlex
@@ -264,7 +266,7 @@ def endpoints_list(as_json: bool, stack: str | None) -> None:
     if as_json:
         from .store import plain
 
-        out.print_json(json.dumps(plain(items)))
+        click.echo(json.dumps(plain(items), indent=2))  # for jq and scripts: no colour, no reformatting
         return
     out.print(status_table(items, default))
 

@@ -7,6 +7,9 @@ names the moto server and the table.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from urllib.parse import urlparse
@@ -265,6 +268,18 @@ def test_endpoints_list_without_rollouts_keeps_its_columns(table):
     assert [c.strip() for c in header.split("┃")[1:-1]] == ["endpoint", "desired", "eu-west-1", "us-east-1",
                                                             "us-west-2"]
     assert "running (1/1)" in result.stdout and "@" not in result.stdout
+
+
+def test_endpoints_list_json_is_plain_json_even_where_colour_is_forced(table):
+    put(table, record("img:1", policy=None, statuses={"us-east-1": {"state": "running", "replicas_ready": 1,
+                                                                    "replicas_desired": 1}}))
+    # a terminal's colour forced on (rich's consoles would colour, and a pipe to jq would break)
+    result = subprocess.run([sys.executable, "-m", "gco_infra.cli", "endpoints", "list", "--json"],
+                            env=dict(os.environ, FORCE_COLOR="1"), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "\x1b[" not in result.stdout
+    (got,) = json.loads(result.stdout)
+    assert got["endpoint_name"] == NAME and got["region_status"]["us-east-1"]["state"] == "running"
 
 
 def test_table_down_exits_3(table, monkeypatch, tmp_path):
