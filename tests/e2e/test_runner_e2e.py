@@ -21,7 +21,7 @@ from gco_infra.runner import EXIT_LOCKED
 from gco_infra.store import StoreError
 
 from ..moto_store import own_moto_store
-from .conftest import Kube, make_runner
+from .conftest import Kube, make_runner, until
 from .test_endpoints_e2e import container, put, status
 
 
@@ -171,6 +171,12 @@ def _stop_orphaned_plugins(env):
             os.kill(int(pid), signal.SIGKILL)
 
 
+def _provider_rate(per_second):
+    """The provider's client rate an operator may set (PULUMI_K8S_CLIENT_QPS/BURST): slower, an
+    update lasts long enough for a test to act while it runs."""
+    return {"PULUMI_K8S_CLIENT_QPS": str(per_second), "PULUMI_K8S_CLIENT_BURST": str(per_second)}
+
+
 def _lock_files(env, stack):
     from gco_infra.state import backend_for
 
@@ -183,7 +189,7 @@ def test_two_runners_at_once_one_skips(env, tick, runner, kube1):
     # The first runner's provider sends 5 requests a second (an operator's own client limits win):
     # its update holds the lock for 15 s or more, while the second one starts.
     first = _cli(env, "run", "--once", "--stack", "local",
-                 extra_env={"PULUMI_K8S_CLIENT_QPS": "5", "PULUMI_K8S_CLIENT_BURST": "5"})
+                 extra_env=_provider_rate(5))
     deadline = time.monotonic() + 60
     while not _lock_files(env, "local") and time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.05)
@@ -208,7 +214,7 @@ def test_runner_killed_during_up_recovers_and_converges(env, runner, kube1):
     # A slower provider client (20 requests a second): the refresh of what the stack holds comes first,
     # then the 120 creates take 6 s or more. The kill lands among them, leaving pending operations.
     victim = _cli(env, "run", "--once", "--stack", "local", "--full",
-                  extra_env={"PULUMI_K8S_CLIENT_QPS": "20", "PULUMI_K8S_CLIENT_BURST": "20"})
+                  extra_env=_provider_rate(20))
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and victim.poll() is None and not any(
             d.metadata.name.startswith("crash-") for d in kube1.apps.list_namespaced_deployment("gco-inference").items):
@@ -244,7 +250,7 @@ def test_sigterm_waits_for_the_running_operation_and_writes_its_statuses(env, ru
         put(env, f"term-{i}", env={"ROUND": "1"})
     # a slower provider client (20 requests a second) keeps the first update going for 9 s or more
     proc = _cli(env, "run", "--stack", "local", "--interval", "1",
-                extra_env={"PULUMI_K8S_CLIENT_QPS": "20", "PULUMI_K8S_CLIENT_BURST": "20"})
+                extra_env=_provider_rate(20))
     try:
         deadline = time.monotonic() + 120
         locked = []
@@ -457,10 +463,8 @@ def test_a_stack_the_generated_kubernetes_classes_applied_is_declared_by_kuberne
     assert kube1.autoscaler("generated-full") is not None and kube1.deployment("generated-full-canary") is not None
     # the HPA controller raises the Deployment to its minimum within a sync or two, a write of its own
     # (generation 2) that must not be read as ours: record after it
-    deadline = time.monotonic() + 60
-    while kube1.deployment("generated-full").spec.replicas != 2 and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert kube1.deployment("generated-full").spec.replicas == 2, "the HPA controller did not scale to minReplicas"
+    until(lambda: kube1.deployment("generated-full").spec.replicas == 2,
+          "the HPA controller to scale generated-full to minReplicas", timeout=60, every=0.5)
     written = {n: kube1.written(n) for n in ("generated-plain", "generated-full", "generated-full-canary")}
     monkeypatch.undo()
     full = next(r for r in tick(force_full=True) if r.region == "local-1")
